@@ -1,0 +1,62 @@
+"""Evaluation: metrics of the fixed protocol, reference featurizer, NFE sweeps, plots and the HTML report."""
+
+from components.evaluation.featurizer import (
+    ClassifierConfig,
+    MissingDependencyError,
+    ReferenceClassifier,
+    extract_features,
+    inception_fid,
+    load_classifier,
+    predict_labels,
+    save_classifier,
+    train_reference_classifier,
+)
+from components.evaluation.metrics import (
+    DEFAULT_MMD_BANDWIDTHS,
+    DEFAULT_N_DIRECTIONS,
+    PROTOCOL_SEED,
+    class_accuracy,
+    disjoint_subsets,
+    fixed_directions,
+    frechet_distance,
+    frechet_distance_from_statistics,
+    gaussian_statistics,
+    knn_precision_recall,
+    metric_floor,
+    mmd_rbf,
+    path_length_ratio,
+    ratio_to_floor,
+    sliced_wasserstein2,
+    straightness,
+)
+from components.evaluation.plots import (
+    image_grid,
+    quality_table_rows,
+    quality_vs_nfe,
+    scatter_grid,
+    trajectory_plot,
+    write_quality_table,
+    write_quality_tables_per_model,
+)
+from components.evaluation.report import MetricsSchemaError, validate_metrics_schema, write_html_report
+from components.evaluation.sweep import (
+    floor_2d,
+    floor_images,
+    make_2d_score_fn,
+    make_image_score_fn,
+    nfe_sweep,
+    validate_nfe_grid,
+)
+
+__all__ = [
+    "ClassifierConfig", "MissingDependencyError", "ReferenceClassifier", "extract_features", "inception_fid",
+    "load_classifier", "predict_labels", "save_classifier", "train_reference_classifier",
+    "DEFAULT_MMD_BANDWIDTHS", "DEFAULT_N_DIRECTIONS", "PROTOCOL_SEED", "class_accuracy", "disjoint_subsets",
+    "fixed_directions", "frechet_distance", "frechet_distance_from_statistics", "gaussian_statistics",
+    "knn_precision_recall", "metric_floor", "mmd_rbf", "path_length_ratio", "ratio_to_floor",
+    "sliced_wasserstein2", "straightness",
+    "image_grid", "quality_table_rows", "quality_vs_nfe", "scatter_grid", "trajectory_plot",
+    "write_quality_table", "write_quality_tables_per_model",
+    "MetricsSchemaError", "validate_metrics_schema", "write_html_report",
+    "floor_2d", "floor_images", "make_2d_score_fn", "make_image_score_fn", "nfe_sweep", "validate_nfe_grid",
+]
