@@ -1,0 +1,145 @@
+"""Typed schema of params.yaml: one section per stage plus shared sections.
+
+Every stage validates the whole file before doing anything, so a typo anywhere stops the run with one line
+naming the key (`ParamsError`). Unknown keys are errors, not silently ignored. Later stages add their own
+section models here; defaults make every section optional.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from components.errors import ParamsError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+TOY2D_NAMES = ("checkerboard", "moons", "eight_gaussians", "spirals")
+SOURCES = ("toy2d", "digits", "image_folder", "npz", "cifar10")
+
+
+class DataParams(Section):
+    """Where the data comes from (shared: the shard stage reads it, later stages read the shard manifest)."""
+
+    source: Literal["toy2d", "digits", "image_folder", "npz", "cifar10"] = "toy2d"
+    name: Literal["checkerboard", "moons", "eight_gaussians", "spirals"] = "checkerboard"  # toy2d only
+    n_samples: int = Field(20000, ge=4)  # toy2d only: train + val
+    path: Optional[str] = None  # image_folder / npz / cifar10: a local path
+    npz_x_key: str = "x"
+    npz_y_key: str = "y"  # optional in the file; no labels when absent
+    grayscale: bool = False  # image_folder: convert to 1 channel
+    max_samples: Optional[int] = Field(None, ge=4)  # keep only the first N (after a seeded shuffle)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "DataParams":
+        if self.source in ("image_folder", "npz", "cifar10") and not self.path:
+            raise ValueError(f"data.path is required for source '{self.source}'")
+        return self
+
+
+class ShardParams(Section):
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    samples_per_shard: int = Field(2000, ge=1)
+    min_shards: int = Field(4, ge=1)  # per split: at least world_size x loader workers
+    seed: int = 0  # train/val split
+
+
+class TrackingParams(Section):
+    experiment: str = "diffusion-distill"
+    # None: sqlite:///<repo>/mlflow.db ; MLFLOW_TRACKING_URI overrides both.
+    uri: Optional[str] = None
+
+
+class Params(Section):
+    """The whole params.yaml."""
+
+    tracking: TrackingParams = TrackingParams()
+    data: DataParams = DataParams()
+    shard: ShardParams = ShardParams()
+
+    def section(self, name: str) -> Section:
+        return getattr(self, name)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", yaml-parsed value). The same syntax as `dvc exp run --set-param`."""
+    if "=" not in text:
+        raise ParamsError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ParamsError(f"override '{text}' has an empty key")
+    return key, yaml.safe_load(raw) if raw.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: list[str] | dict[str, Any]) -> dict:
+    """Return a copy of `raw` with dotted-key overrides applied (unknown keys are caught by validation)."""
+    out = _deep_copy(raw)
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for key, value in items:
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part, {}), dict):
+                raise ParamsError(f"override {key}: '{part}' is not a section")
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+def validate_params(raw: dict, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as e:
+        raise ParamsError(format_validation_error(e, source)) from None
+
+
+def format_validation_error(e: ValidationError, source: str) -> str:
+    """One line: the first error with its dotted key, the offending value and pydantic's reason."""
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{loc}'"
+    if err["type"] == "value_error":  # model validators: the message already names the key
+        return f"{source}: {msg.removeprefix('Value error, ')}"
+    value = err.get("input")
+    shown = "" if isinstance(value, dict) else f" = {value!r}"
+    extra = f" ({len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
+    return f"{source}: {loc}{shown}: {msg}{extra}"
+
+
+def read_params_file(path: Path | str) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ParamsError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of sections")
+    return raw
+
+
+def load_params(path: Path | str = "params.yaml", overrides: list[str] | dict | None = None) -> Params:
+    raw = read_params_file(path)
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return validate_params(raw, source=Path(path).name)

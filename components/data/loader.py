@@ -1,0 +1,94 @@
+"""WebDataset loader for the shards: shuffled batches of tensors, split by node (rank) and worker.
+
+Two modes:
+- finite (default): every rank sees its own subset of shards once per epoch (ranks get disjoint shards, workers
+  within a rank get disjoint shards of that subset), for evaluation and exact coverage;
+- resampled: shards are drawn with replacement forever, each rank and worker with its own seed, cut into
+  nominal epochs with `with_epoch`; this is what multi-process training uses, because every rank then yields
+  the same number of batches and no collective operation waits on a rank that ran out of data.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from components.data.shards import read_shard_manifest, shard_paths, to_model_range
+from components.errors import DataError
+
+
+def rank_and_world() -> tuple[int, int]:
+    """Rank/world size from the env vars a launcher sets (RANK, WORLD_SIZE), else torch.distributed, else (0, 1)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _decode(sample: dict) -> tuple[np.ndarray, int]:
+    x = np.load(io.BytesIO(sample["x.npy"]))
+    y = int(sample["cls"]) if "cls" in sample else -1
+    return x, y
+
+
+def make_loader(shard_dir: Path | str, split: str, batch_size: int, *, shuffle: bool = True,
+                resampled: bool = False, seed: int = 0, num_workers: int = 0, shuffle_buffer: int = 2000,
+                batches_per_epoch: Optional[int] = None, drop_last: bool = False):
+    """An iterable of batches {"x": float tensor [B, ...], "y": long tensor [B] or None}.
+
+    In resampled mode `batches_per_epoch` (default: one pass worth of batches for this rank) bounds an epoch.
+    """
+    import webdataset as wds
+
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    manifest = read_shard_manifest(shard_dir)
+    urls = [str(p) for p in shard_paths(shard_dir, split)]
+    rank, world = rank_and_world()
+    consumers = world * max(1, num_workers)
+    if not resampled and len(urls) < consumers:
+        raise DataError(f"{split} has {len(urls)} shard(s) for {world} rank(s) x {max(1, num_workers)} worker(s); "
+                        f"re-shard with shard.min_shards >= {consumers} or use resampled mode")
+    encoding = manifest["encoding"]
+    labelled = manifest.get("num_classes") is not None
+
+    def to_batch(samples):
+        xs, ys = zip(*samples)
+        x = torch.from_numpy(to_model_range(np.stack(xs), encoding))
+        y = torch.as_tensor(ys, dtype=torch.long) if labelled else None
+        return {"x": x, "y": y}
+
+    ds = wds.WebDataset(
+        urls,
+        resampled=resampled,
+        shardshuffle=(len(urls) if shuffle else False) if not resampled else True,
+        nodesplitter=wds.split_by_node,
+        workersplitter=wds.split_by_worker,
+        seed=seed + 1000 * rank if resampled else seed,
+        empty_check=False,
+    ).map(_decode)
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500))
+    ds = ds.batched(batch_size, collation_fn=to_batch, partial=not drop_last)
+    if resampled:
+        count = manifest["splits"][split]["count"]
+        ds = ds.with_epoch(batches_per_epoch or max(1, count // (batch_size * world)))
+    if num_workers == 0:
+        return ds
+    return wds.WebLoader(ds, batch_size=None, num_workers=num_workers, persistent_workers=False)
+
+
+def infinite_batches(loader) -> Iterator[dict]:
+    """Cycle a loader forever (a fresh pass each time; webdataset reshuffles shards per pass)."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise DataError("the loader produced no batches (fewer samples than one batch?)")

@@ -1,0 +1,9 @@
+"""Prefect flows, one module per stage (plus the whole pipeline). Entry point: `python -m flows --help`.
+
+Flows call `components` (never the reverse) and are what `dvc.yaml` runs: `cmd: python -m flows <stage>`.
+"""
+
+# Stage name -> module defining `flow` (imported lazily: Prefect, MLflow and torch imports cost seconds).
+STAGES: dict[str, str] = {
+    "shard": "flows.shard",
+}

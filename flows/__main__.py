@@ -1,0 +1,95 @@
+"""Command line: `python -m flows <stage>` runs one stage as a Prefect flow (this is what dvc.yaml calls).
+
+Other commands: `list`, `check-params`, `server start|stop|status`. Run `python -m flows --help`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "true")
+
+from components.errors import UserError  # noqa: E402  (light imports only before the stage runs)
+from flows import STAGES  # noqa: E402
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def run_stage_command(stage: str) -> int:
+    from components.config import load_params
+    from flows.runtime import configure_prefect, repo_root
+
+    root = repo_root()
+    load_params(root / "params.yaml")  # fail fast, before any server or output is touched
+    configure_prefect(root)
+    module = importlib.import_module(STAGES[stage])
+    state = module.flow_fn(return_state=True)
+    if state.is_completed():
+        return 0
+    cause = getattr(state, "data", None)
+    message = state.message or f"stage '{stage}' failed"
+    if isinstance(cause, UserError) or "UserError" in message or not message.startswith("Flow run encountered"):
+        return _fail(message)
+    return 1  # a bug: Prefect has already printed the traceback
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows",
+        description="Run pipeline stages as Prefect flows (each tracked in MLflow). "
+                    "Normally invoked by `dvc repro`, which decides which stages are stale.",
+        epilog="examples:\n  python -m flows shard          run the shard stage now (ignores DVC staleness)\n"
+               "  python -m flows check-params --set shard.val_fraction=0.1\n"
+               "  dvc repro                      rebuild whatever changed (the usual way)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module in STAGES.items():
+        sub.add_parser(name, help=f"run the '{name}' stage")
+    sub.add_parser("list", help="list the stages")
+    chk = sub.add_parser("check-params", help="validate params.yaml (with optional overrides) and exit")
+    chk.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a param, e.g. shard.val_fraction=0.1 (repeatable)")
+    srv = sub.add_parser("server", help="the project-local Prefect server used when PREFECT_API_URL is unset")
+    srv.add_argument("action", choices=["start", "stop", "status"])
+    args = parser.parse_args(argv)
+
+    try:
+        if args.command in STAGES:
+            return run_stage_command(args.command)
+        if args.command == "list":
+            print("\n".join(STAGES))
+            return 0
+        if args.command == "check-params":
+            from components.config import load_params
+            from flows.runtime import repo_root
+
+            load_params(repo_root() / "params.yaml", args.overrides)
+            print("params OK")
+            return 0
+        if args.command == "server":
+            from flows.runtime import ensure_local_server, local_server_url, repo_root, stop_local_server
+
+            root = repo_root()
+            if args.action == "start":
+                print(ensure_local_server(root).removesuffix("/api"))
+            elif args.action == "stop":
+                print("stopped" if stop_local_server(root) else "not running")
+            else:
+                url = local_server_url(root)
+                print(url.removesuffix("/api") if url else "not running")
+            return 0
+        parser.print_help()
+        return 2
+    except UserError as e:
+        return _fail(str(e))
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

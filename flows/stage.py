@@ -1,0 +1,116 @@
+"""The stage contract of DESIGN.md, implemented once and used by every stage flow.
+
+A stage flow is `run_stage(SPEC, body)` inside a Prefect @flow. `run_stage`:
+1. validates params.yaml (typed schema; a bad value stops the stage naming the key, nothing written);
+2. checks its inputs exist and reads their lineage (dvc.lock digest, producing MLflow run);
+3. opens the stage's MLflow run (tags: stage, upstream.<stage>.run_id, git.commit, dvc.lock.digest);
+4. lets `body(ctx)` write into a temp dir that becomes the output only on success (atomic);
+5. writes manifest.json (stage, run id, commit, params used, inputs) into the output and the metrics file.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from components.config import Params, load_params
+from components.errors import DataError, UserError
+from components.io import atomic_output_dir, read_json, remove_stale_temp_dirs, write_json
+from components.tracking.lineage import (MANIFEST, StageRun, describe_input, dvc_lock_digest, git_commit,
+                                         resolve_tracking_uri)
+from flows.runtime import repo_root
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    output: str  # the one output directory, relative to the repo root
+    inputs: tuple[str, ...] = ()  # upstream output directories this stage reads
+    sections: tuple[str, ...] = ()  # params sections it reads (recorded in the manifest and MLflow)
+    produced_by: dict = field(default_factory=dict)  # input path -> stage name, for "run X first" errors
+
+    @property
+    def metrics_path(self) -> str:
+        return f"data/{self.name}/metrics.json"
+
+
+@dataclass
+class StageContext:
+    spec: StageSpec
+    repo: Path
+    params: Params
+    out_dir: Path  # temp dir; becomes spec.output when the stage succeeds
+    run: StageRun
+    inputs: list[dict]
+    manifest: dict = field(default_factory=dict)  # body adds stage-specific entries here
+
+    def path(self, rel: str) -> Path:
+        return self.repo / rel
+
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        self.run.log_metrics(metrics, step=step)
+
+
+def used_params(params: Params, sections: tuple[str, ...]) -> dict[str, Any]:
+    return {s: params.section(s).model_dump(mode="json") for s in sections}
+
+
+def run_stage(spec: StageSpec, body: Callable[[StageContext], Optional[dict]],
+              params: Optional[Params] = None) -> dict:
+    repo = repo_root()
+    params = params or load_params(repo / "params.yaml")
+    for rel in spec.inputs:
+        if not (repo / rel).exists():
+            producer = spec.produced_by.get(rel)
+            hint = f" (run `dvc repro {producer}` first)" if producer else ""
+            raise DataError(f"stage '{spec.name}' needs {rel}, which does not exist{hint}")
+    inputs = [describe_input(repo, rel) for rel in spec.inputs]
+    out = repo / spec.output
+    remove_stale_temp_dirs(out)
+    started = time.time()
+    stage_params = used_params(params, spec.sections)
+    tracking_uri = resolve_tracking_uri(repo, params.tracking.uri)
+    with StageRun(spec.name, params.tracking.experiment, tracking_uri, stage_params, inputs, repo) as run:
+        with atomic_output_dir(out) as tmp:
+            ctx = StageContext(spec, repo, params, tmp, run, inputs)
+            metrics = body(ctx) or {}
+            manifest = {**ctx.manifest, "lineage": {
+                "stage": spec.name,
+                "mlflow_run_id": run.run_id,
+                "mlflow_experiment": params.tracking.experiment,
+                "mlflow_parent_run_id": run.parent_run_id,
+                "git_commit": run.tags.get("git.commit"),
+                "dvc_lock_digest": dvc_lock_digest(repo),
+                "params": stage_params,
+                "inputs": inputs,
+                "created_unix": round(started),
+            }}
+            write_json(tmp / MANIFEST, manifest)
+        metrics = {**metrics, "stage_seconds": round(time.time() - started, 3)}
+        metrics_file = repo / spec.metrics_path
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json(metrics_file, metrics)
+        run.log_metrics(metrics)
+        run.log_artifact(out / MANIFEST)
+    return metrics
+
+
+def read_manifest(path: Path) -> dict:
+    f = Path(path) / MANIFEST
+    if not f.exists():
+        raise DataError(f"{path} has no {MANIFEST}")
+    return read_json(f)
+
+
+def run_stage_in_flow(spec: StageSpec, body: Callable[[StageContext], Optional[dict]]):
+    """Call from inside a Prefect @flow: user errors become a Failed state with a one-line message
+    (shown in the UI and printed by the CLI without a traceback); bugs propagate with their traceback."""
+    from prefect import get_run_logger
+    from prefect.states import Failed
+
+    try:
+        return run_stage(spec, body)
+    except UserError as e:
+        get_run_logger().error(f"{type(e).__name__}: {e}")
+        return Failed(message=f"{e}", data=e)
