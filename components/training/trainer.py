@@ -1,0 +1,475 @@
+"""The one Trainer: a DeepSpeed engine, EMA, checkpoint/resume, progress bar and metric callbacks.
+
+Every training stage (teacher, reflow, distillation, DPO) uses this class with its own ``loss_fn``.
+Checkpoint layout inside ``checkpoint_dir``::
+
+    step00000100/            DeepSpeed files (+ client_state: EMA, step, fingerprint)
+    step00000100/trainer_state.json   step, fingerprint, last loss (read before any tensor is loaded)
+    step00000100/rng_rank<r>.pt       torch RNG state of rank r (exact resume of noise sampling)
+    latest                   name of the newest complete checkpoint (written last, atomically)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from .distributed import ensure_process_group_env, skip_deepspeed_cpu_shm_op, world_info
+from .ema import EMA
+
+LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
+LogFn = Callable[[dict[str, float], int], None]
+
+_LATEST_FILE = "latest"
+_STATE_FILE = "trainer_state.json"
+_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint in ``checkpoint_dir`` was written for a different model/config (fingerprint differs)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss (or weights); the last good checkpoint is left in place."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every training stage.
+
+    ``batch_size`` is global (all ranks, all accumulation micro-steps); each item of the ``batches``
+    iterable given to :meth:`Trainer.fit` is one micro-batch of ``batch_size / (world_size * grad_accum)``.
+    ``checkpoint_every = 0`` saves only at the end; ``grad_clip = 0`` disables clipping.
+    """
+
+    steps: int = 1000
+    batch_size: int = 256
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.999
+    zero_stage: int = 0
+    precision: str = "auto"
+    seed: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 50
+    keep_checkpoints: int = 2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints")
+        for key in positive:
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"{key} must be >= 1, got {key}={getattr(self, key)}")
+        non_negative = ("lr", "warmup_steps", "weight_decay", "grad_clip", "checkpoint_every")
+        for key in non_negative:
+            value = getattr(self, key)
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{key} must be a finite number >= 0, got {key}={value}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got lr={self.lr}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got ema_decay={self.ema_decay}")
+        if self.zero_stage not in (0, 1, 2):
+            raise ValueError(f"zero_stage must be 0, 1 or 2, got zero_stage={self.zero_stage}")
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {_PRECISIONS}, got precision={self.precision!r}")
+
+    def resolved_precision(self) -> str:
+        """"auto" -> "bf16" when CUDA is available, else "fp32"."""
+        if self.precision == "auto":
+            return "bf16" if torch.cuda.is_available() else "fp32"
+        return self.precision
+
+    def micro_batch_size(self, world_size: int) -> int:
+        """Per-rank micro-batch size; raises ValueError when batch_size does not split evenly."""
+        divisor = world_size * self.grad_accum
+        if self.batch_size % divisor != 0:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by world_size={world_size} x "
+                f"grad_accum={self.grad_accum} = {divisor}"
+            )
+        return self.batch_size // divisor
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`Trainer.fit` returns: optimizer steps reached, last loss, logged metric history."""
+
+    steps: int
+    final_loss: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def build_deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
+    """Translate a :class:`TrainConfig` into a DeepSpeed config dict (AdamW via torch, WarmupLR, clipping)."""
+    micro = config.micro_batch_size(world_size)
+    ds_config: dict[str, Any] = {
+        "train_batch_size": config.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": config.grad_accum,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": config.lr,
+                "betas": list(config.adam_betas),
+                "eps": 1e-8,
+                "weight_decay": config.weight_decay,
+                # torch.optim.AdamW instead of DeepSpeed's JIT-compiled FusedAdam (slow C++ build on CPU).
+                "torch_adam": True,
+            },
+        },
+        "gradient_clipping": float(config.grad_clip),
+        "zero_optimization": {"stage": config.zero_stage},
+        "bf16": {"enabled": config.resolved_precision() == "bf16"},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if config.warmup_steps > 0:
+        ds_config["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": config.lr,
+                "warmup_num_steps": config.warmup_steps,
+                "warmup_type": "linear",
+            },
+        }
+    return ds_config
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b": value}, values made JSON-comparable (tuples become lists)."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = json.loads(json.dumps(value, default=str))
+    return flat
+
+
+def _differing_keys(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    missing = object()
+    return sorted(k for k in set(saved) | set(current) if saved.get(k, missing) != current.get(k, missing))
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+class Trainer:
+    """Train ``model`` with ``loss_fn`` on a DeepSpeed engine, keeping an EMA and resumable checkpoints.
+
+    Args:
+        model: the bare network (an ``nn.Module``); its EMA is what gets exported.
+        loss_fn: ``loss_fn(engine, batch) -> (scalar loss, metrics)``; ``engine`` is called like the model.
+        config: optimisation settings.
+        checkpoint_dir: where checkpoints go; ``fit`` resumes from the newest one found there.
+        log_fn: ``log_fn(metrics, step)``, called on rank 0 every ``config.log_every`` steps.
+        fingerprint: JSON-able dict describing the run (model config, objective, ...); a checkpoint written
+            under a different fingerprint raises :class:`CheckpointMismatchError` instead of being loaded.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        config: TrainConfig,
+        checkpoint_dir: Path | str,
+        log_fn: LogFn | None = None,
+        fingerprint: Mapping[str, Any] | None = None,
+    ) -> None:
+        ensure_process_group_env()
+        import deepspeed  # imported late: importing it probes the accelerator, which is slow
+
+        # DeepSpeed logs its whole config at INFO on every engine; keep the console for the progress bar.
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        skip_deepspeed_cpu_shm_op()
+        if not dist.is_initialized():
+            deepspeed.init_distributed(verbose=False)
+        self.rank, self.world_size = world_info()
+        self.config = config
+        self.loss_fn = loss_fn
+        self.log_fn = log_fn
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.micro_batch_size = config.micro_batch_size(self.world_size)
+
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=build_deepspeed_config(config, self.world_size),
+        )
+        # EMA after initialize: DeepSpeed has broadcast rank 0's weights (and cast them for bf16).
+        self.ema = EMA(self.engine.module, config.ema_decay)
+        self.fingerprint = self._full_fingerprint(fingerprint or {})
+        self.step = 0
+        self.last_loss = float("nan")
+        self._last_saved_step: int | None = None
+        # Data-independent randomness (noise, times, label dropout) differs per rank but is reproducible.
+        torch.manual_seed(config.seed + self.rank)
+
+    @property
+    def model(self) -> nn.Module:
+        """The live (non-averaged) module inside the engine."""
+        return self.engine.module
+
+    def _full_fingerprint(self, user: Mapping[str, Any]) -> dict[str, Any]:
+        shapes = [f"{name}:{tuple(p.shape)}" for name, p in self.engine.module.state_dict().items()]
+        flat = _flatten(user)
+        flat["trainer.parameter_shapes"] = shapes
+        flat["trainer.precision"] = self.config.resolved_precision()
+        flat["trainer.zero_stage"] = self.config.zero_stage
+        if self.config.zero_stage > 0:
+            # Partitioned optimizer states are only loadable by the same number of ranks.
+            flat["trainer.world_size"] = self.world_size
+        return flat
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def latest_checkpoint(self) -> tuple[str, dict[str, Any]] | None:
+        """Return (tag, trainer_state) of the newest complete checkpoint, or None when there is none."""
+        pointer = self.checkpoint_dir / _LATEST_FILE
+        if not pointer.is_file():
+            return None
+        tag = pointer.read_text().strip()
+        state_path = self.checkpoint_dir / tag / _STATE_FILE
+        if not state_path.is_file():
+            raise CheckpointMismatchError(f"checkpoint {self.checkpoint_dir / tag} has no {_STATE_FILE}")
+        return tag, json.loads(state_path.read_text())
+
+    def _resume(self) -> bool:
+        found = self.latest_checkpoint()
+        if found is None:
+            return False
+        tag, state = found
+        differing = _differing_keys(state.get("fingerprint", {}), self.fingerprint)
+        if differing:
+            raise CheckpointMismatchError(
+                f"checkpoint {self.checkpoint_dir / tag} was written with a different fingerprint; "
+                f"differing keys: {', '.join(differing)}"
+            )
+        if state["step"] == self.step and self._last_saved_step == self.step:
+            return True  # this very object wrote it: already in that state
+        _, client_state = self.engine.load_checkpoint(
+            str(self.checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        self.ema.load_state_dict(client_state["ema"])
+        self.step = int(client_state["step"])
+        self.last_loss = float(client_state.get("last_loss", float("nan")))
+        rng_path = self.checkpoint_dir / tag / f"rng_rank{self.rank}.pt"
+        if rng_path.is_file():
+            rng = torch.load(rng_path, weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if torch.cuda.is_available() and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"])
+        self._last_saved_step = self.step
+        return True
+
+    def _parameters_finite(self) -> bool:
+        with torch.no_grad():
+            return all(bool(torch.isfinite(p).all()) for p in self.engine.module.parameters())
+
+    def save_checkpoint(self) -> Path:
+        """Save engine, EMA, step, fingerprint and RNG at the current step (call on every rank)."""
+        if not self._parameters_finite():
+            raise NonFiniteLossError(
+                f"weights became non-finite by step {self.step}; not checkpointed, the last good checkpoint "
+                f"({self._last_saved_step}) is kept",
+                self.step,
+            )
+        tag = f"step{self.step:08d}"
+        client_state = {"ema": self.ema.state_dict(), "step": self.step, "fingerprint": self.fingerprint,
+                        "last_loss": self.last_loss}
+        # save_latest=False: our own pointer is written only once every file of the tag exists.
+        self.engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, client_state=client_state, save_latest=False)
+        tag_dir = self.checkpoint_dir / tag
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, tag_dir / f"rng_rank{self.rank}.pt")
+        if self.rank == 0:
+            state = {"step": self.step, "fingerprint": self.fingerprint, "last_loss": self.last_loss}
+            _write_text_atomic(tag_dir / _STATE_FILE, json.dumps(state, indent=1, allow_nan=True))
+        _barrier()
+        if self.rank == 0:
+            _write_text_atomic(self.checkpoint_dir / _LATEST_FILE, tag)
+            self._prune_checkpoints(keep=tag)
+        _barrier()
+        self._last_saved_step = self.step
+        return tag_dir
+
+    def _prune_checkpoints(self, keep: str) -> None:
+        tags = sorted(p.name for p in self.checkpoint_dir.glob("step*") if p.is_dir())
+        stale = [t for t in tags if t != keep][: max(0, len(tags) - self.config.keep_checkpoints)]
+        for tag in stale:
+            shutil.rmtree(self.checkpoint_dir / tag, ignore_errors=True)
+
+    # ------------------------------------------------------------------ training
+
+    def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        device = self.engine.device
+        moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        x = moved.get("x")
+        if x is None or not torch.is_tensor(x):
+            raise ValueError(f"each batch needs a tensor under key 'x', got keys={sorted(batch)}")
+        if x.shape[0] != self.micro_batch_size:
+            raise ValueError(
+                f"batch has {x.shape[0]} rows but the micro-batch size is {self.micro_batch_size} "
+                f"(batch_size={self.config.batch_size} / (world_size={self.world_size} x "
+                f"grad_accum={self.config.grad_accum}))"
+            )
+        return moved
+
+    def _global_loss(self, loss: torch.Tensor) -> float:
+        """Loss averaged over ranks (so every rank agrees on finiteness and stops together)."""
+        value = loss.detach().float()
+        if self.world_size > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world_size
+        return float(value)
+
+    def fit(self, batches: Iterable[Mapping[str, Any]], skip_consumed_batches: bool = True) -> TrainResult:
+        """Train until ``config.steps`` optimizer steps, resuming from ``checkpoint_dir`` if it has a checkpoint.
+
+        Each item of ``batches`` is one micro-batch dict ({"x", "y"}) for this rank. When resuming and
+        ``skip_consumed_batches`` is true, the first ``step * grad_accum`` items are skipped, which makes a
+        resumed run identical to an uninterrupted one when ``batches`` replays the same stream from its start.
+        Raises NonFiniteLossError (naming the step) on a NaN/inf loss; nothing is saved for that step.
+        """
+        resumed = self._resume()
+        history: list[dict[str, float]] = []
+        if self.step >= self.config.steps:
+            return TrainResult(self.step, self.last_loss, history)
+
+        iterator = iter(batches)
+        if resumed and skip_consumed_batches:
+            for _ in range(self.step * self.config.grad_accum):
+                if next(iterator, None) is None:
+                    raise ValueError(f"batches ran out while skipping the {self.step} already trained steps")
+
+        accum = self.config.grad_accum
+        window_loss, window_micro, window_steps = 0.0, 0, 0
+        window_metrics: dict[str, float] = {}
+        window_start = time.perf_counter()
+        micro_in_step = 0
+        progress = tqdm(total=self.config.steps, initial=self.step, desc="train", dynamic_ncols=True,
+                        disable=self.rank != 0 or not self.config.progress_bar)
+        try:
+            for batch in iterator:
+                batch = self._to_device(batch)
+                loss, metrics = self.loss_fn(self.engine, batch)
+                loss_value = self._global_loss(loss)
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLossError(
+                        f"non-finite loss {loss_value} at step {self.step + 1}; stopped, the last good "
+                        f"checkpoint (step {self._last_saved_step}) is kept in {self.checkpoint_dir}",
+                        self.step + 1,
+                    )
+                self.engine.backward(loss)
+                self.engine.step()
+                window_loss += loss_value
+                window_micro += 1
+                for key, value in metrics.items():
+                    window_metrics[key] = window_metrics.get(key, 0.0) + float(value)
+                micro_in_step += 1
+                if micro_in_step < accum:
+                    continue
+                micro_in_step = 0
+                self.step += 1
+                window_steps += 1
+                self.last_loss = loss_value
+                self.ema.update(self.engine.module)
+                progress.update(1)
+
+                if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+                    elapsed = time.perf_counter() - window_start
+                    logged = {"loss": window_loss / window_micro, "lr": float(self.engine.get_lr()[0]),
+                              "steps_per_sec": window_steps / max(elapsed, 1e-9)}
+                    grad_norm = self.engine.get_global_grad_norm()
+                    if grad_norm is not None:
+                        logged["grad_norm"] = float(grad_norm)
+                    logged.update({k: v / window_micro for k, v in window_metrics.items()})
+                    history.append({"step": float(self.step), **logged})
+                    if self.rank == 0:
+                        progress.set_postfix(loss=f"{logged['loss']:.4g}", refresh=False)
+                        if self.log_fn is not None:
+                            self.log_fn(logged, self.step)
+                    window_loss, window_micro, window_steps = 0.0, 0, 0
+                    window_metrics = {}
+                    window_start = time.perf_counter()
+
+                if self.config.checkpoint_every and self.step % self.config.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self.step >= self.config.steps:
+                    break
+        finally:
+            progress.close()
+
+        if self.step < self.config.steps:
+            if self.step > 0 and self._last_saved_step != self.step:
+                self.save_checkpoint()  # keep the progress so a longer stream can resume from here
+            raise ValueError(
+                f"batches ran out after {self.step} optimizer steps; config.steps={self.config.steps} "
+                f"needs {self.config.steps * accum} micro-batches per rank"
+            )
+        if self._last_saved_step != self.step:
+            self.save_checkpoint()
+        return TrainResult(self.step, self.last_loss, history)
+
+    # ------------------------------------------------------------------ export
+
+    def ema_state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA weights as a plain state dict (float32, CPU) for the bare model."""
+        return self.ema.state_dict()
+
+    def export(self, path: Path | str) -> Path:
+        """Write the EMA weights with ``torch.save`` (rank 0 only, atomically); loads with no DeepSpeed."""
+        path = Path(path)
+        if self.rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            torch.save(self.ema_state_dict(), tmp)
+            os.replace(tmp, path)
+        _barrier()
+        return path
+
+
+__all__ = [
+    "CheckpointMismatchError",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "build_deepspeed_config",
+]
