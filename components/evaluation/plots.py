@@ -92,7 +92,7 @@ def image_grid(
         top, left = pad + r * (height + pad), pad + c * (width + pad)
         canvas[:, top : top + height, left : left + width] = unit[index]
     array = canvas.permute(1, 2, 0).numpy()
-    figure = Figure(figsize=(max(2.0, array.shape[1] / 24), max(2.0, array.shape[0] / 24)))
+    figure = Figure(figsize=(max(2.0, array.shape[1] / 12), max(2.0, array.shape[0] / 12)))
     axis = figure.add_subplot()
     axis.imshow(array[..., 0] if channels == 1 else array, cmap="gray" if channels == 1 else None, vmin=0, vmax=1,
                 interpolation="nearest")
@@ -110,17 +110,21 @@ def quality_vs_nfe(
     figure = Figure(figsize=(5, 3.5))
     axis = figure.add_subplot()
     plotted = 0
+    all_nfe: set[int] = set()
     for model, entry in models.items():
         nfe_entries = entry.get("nfe", {})
         keys = [k for k in _sorted_nfe_keys(nfe_entries) if metric in nfe_entries[k]]
         if keys:
             axis.plot([int(k) for k in keys], [nfe_entries[k][metric] for k in keys], marker="o", label=model)
+            all_nfe.update(int(k) for k in keys)
             plotted += 1
     if plotted == 0:
         raise ValueError(f"metric {metric!r}: no model has values for it")
     if floor is not None:
         axis.axhline(floor, linestyle="--", color="0.4", label="floor (real vs real)")
     axis.set_xscale("log", base=2)
+    # Plain integer tick labels (1, 2, 4, ...) read better than 2^k.
+    axis.set_xticks(sorted(all_nfe), [str(n) for n in sorted(all_nfe)])
     axis.set_xlabel("NFE")
     axis.set_ylabel(metric)
     axis.legend(fontsize=8)

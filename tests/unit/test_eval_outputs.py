@@ -1,0 +1,179 @@
+"""NFE sweep, plots, plot tables, HTML report and the metrics.json schema validator."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+
+import pytest
+import torch
+
+from components.evaluation.metrics import disjoint_subsets, mmd_rbf, sliced_wasserstein2
+from components.evaluation.plots import (
+    image_grid,
+    quality_vs_nfe,
+    scatter_grid,
+    trajectory_plot,
+    write_quality_table,
+    write_quality_tables_per_model,
+)
+from components.evaluation.report import MetricsSchemaError, validate_metrics_schema, write_html_report
+from components.evaluation.sweep import floor_2d, make_2d_score_fn, nfe_sweep, validate_nfe_grid
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _valid_2d_metrics() -> dict:
+    entry = {"sw2": 0.1, "sw2_ratio": 2.0, "mmd": 0.01, "mmd_ratio": 3.0, "sec_per_sample": 1e-4}
+    return {
+        "dataset": "checkerboard",
+        "floor": {"sw2": 0.05, "mmd": 0.003},
+        "models": {
+            "teacher": {"nfe": {"1": dict(entry), "8": dict(entry, sw2=0.06)}},
+            "reflow": {"nfe": {}},
+        },
+        "reflow": {"straightness": {"teacher": 0.4, "reflow": 0.01}},
+        "dpo": {"win_rate": 0.6, "reward_mean": {"reference": 0.1, "dpo": 0.2}, "implicit_accuracy": 0.7},
+    }
+
+
+# ------------------------------------------------------------------ sweep
+
+
+def _shrinking_generator(calls: list):
+    """A 'model' whose samples approach N(0, I) as nfe grows: x = noise * (1 + 1/nfe)."""
+
+    def generate(nfe: int, noise: torch.Tensor, cond):
+        calls.append((nfe, noise))
+        return noise * (1.0 + 1.0 / nfe), 2 * nfe - 1
+
+    return generate
+
+
+def test_nfe_sweep_one_entry_per_nfe_with_timing_and_scores():
+    calls: list = []
+    noise = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
+    real = torch.randn(600, 2, generator=torch.Generator().manual_seed(1))
+    real_a, real_b = disjoint_subsets(real, 300)
+    floor = floor_2d(real_a, real_b)
+    result = nfe_sweep(_shrinking_generator(calls), [1, 4, 16], noise, None, make_2d_score_fn(real_b, floor))
+    assert list(result) == ["1", "4", "16"]
+    assert [nfe for nfe, _ in calls] == [1, 4, 16] and all(n is noise for _, n in calls)
+    for nfe, entry in result.items():
+        assert entry["nfe_actual"] == 2 * int(nfe) - 1
+        assert entry["sec_per_sample"] > 0
+        assert entry["sw2_ratio"] == pytest.approx(entry["sw2"] / floor["sw2"])
+        assert entry["mmd"] == pytest.approx(mmd_rbf(noise * (1 + 1 / int(nfe)), real_b))
+    # More steps -> closer to the data in this construction.
+    assert result["1"]["sw2"] > result["4"]["sw2"] > result["16"]["sw2"]
+    assert result["16"]["sw2"] == pytest.approx(sliced_wasserstein2(noise * (1 + 1 / 16), real_b))
+
+
+@pytest.mark.parametrize("grid", [[0], [-1, 2], [2.0], [], [True], [1, 1], ["4"]])
+def test_bad_nfe_grid_rejected(grid):
+    with pytest.raises(ValueError, match="nfe_grid"):
+        validate_nfe_grid(grid)
+    with pytest.raises(ValueError, match="nfe_grid"):
+        nfe_sweep(_shrinking_generator([]), grid, torch.zeros(4, 2), None, lambda x: {})
+
+
+# ------------------------------------------------------------------ plots and tables
+
+
+def _assert_png(path):
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
+
+
+def test_plots_are_written(tmp_path):
+    generator = torch.Generator().manual_seed(2)
+    real = torch.randn(200, 2, generator=generator)
+    samples = {"teacher": {1: real * 2, 8: real * 1.1}, "reflow": {1: real * 1.2}}
+    _assert_png(scatter_grid(samples, real, tmp_path / "scatter.png"))
+    _assert_png(image_grid(torch.rand(10, 3, 8, 8, generator=generator) * 2 - 1, tmp_path / "grid.png", nrow=4))
+    _assert_png(image_grid(torch.rand(3, 1, 8, 8, generator=generator), tmp_path / "grey.png", value_range=(0, 1)))
+    metrics = _valid_2d_metrics()
+    _assert_png(quality_vs_nfe(metrics["models"], "sw2", tmp_path / "sw2.png", floor=metrics["floor"]["sw2"]))
+    trajectory = torch.stack([real[:5] * (1 - t) for t in torch.linspace(0, 0.9, 6)])
+    _assert_png(trajectory_plot(trajectory, tmp_path / "paths.png", n_paths=3, real=real))
+    with pytest.raises(ValueError, match="fid"):
+        quality_vs_nfe(metrics["models"], "fid", tmp_path / "none.png")
+
+
+def test_quality_tables_are_flat_rows(tmp_path):
+    models = _valid_2d_metrics()["models"]
+    rows = json.loads(write_quality_table(models, tmp_path / "q.json").read_text())
+    assert [(r["model"], r["nfe"]) for r in rows] == [("teacher", 1), ("teacher", 8)]
+    assert rows[1]["sw2"] == 0.06
+    with write_quality_table(models, tmp_path / "q.csv").open() as handle:
+        csv_rows = list(csv.DictReader(handle))
+    assert [float(r["sw2"]) for r in csv_rows] == [0.1, 0.06]
+    per_model = write_quality_tables_per_model(models, tmp_path / "per_model")
+    assert sorted(per_model) == ["reflow", "teacher"]
+    assert json.loads(per_model["reflow"].read_text()) == []
+    with pytest.raises(ValueError, match="suffix"):
+        write_quality_table(models, tmp_path / "q.txt")
+
+
+# ------------------------------------------------------------------ report
+
+
+def test_html_report_has_table_images_and_lineage(tmp_path):
+    metrics = _valid_2d_metrics()
+    plot = quality_vs_nfe(metrics["models"], "sw2", tmp_path / "plots" / "sw2.png", floor=0.05)
+    lineage = {"teacher": {"run_id": "abc123", "stage": "teacher"}, "reflow": {"run_id": "<def>", "stage": "reflow"}}
+    report = write_html_report(
+        tmp_path / "report.html", metrics, {"sw2 vs NFE": plot, "samples": tmp_path / "plots" / "x.svg"}, lineage
+    )
+    page = report.read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert "data:image/png;base64," in page  # PNG embedded, page self-contained
+    assert 'href="plots/x.svg"' in page  # non-PNG linked relatively
+    assert "abc123" in page and "&lt;def&gt;" in page  # lineage, escaped
+    assert "sw2_ratio" in page and "teacher" in page and "straightness" in page and "win_rate" in page
+    assert "http://" not in page and "https://" not in page
+
+
+# ------------------------------------------------------------------ schema
+
+
+def test_schema_accepts_valid_2d_and_image_metrics():
+    validate_metrics_schema(_valid_2d_metrics())
+    image_entry = {"fd": 3.0, "fd_ratio": 1.5, "precision": 0.8, "recall": 0.7, "class_accuracy": 0.9,
+                   "sec_per_sample": 0.01, "nfe_actual": 7}
+    validate_metrics_schema({"dataset": "digits", "floor": {"fd": 2.0}, "models": {"teacher": {"nfe": {"4": image_entry}}}})
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda m: m.pop("floor"), "missing required key 'floor'"),
+        (lambda m: m.pop("dataset"), "missing required key 'dataset'"),
+        (lambda m: m["floor"].pop("mmd"), r"metrics.floor: missing required key 'mmd'"),
+        (lambda m: m["models"]["teacher"]["nfe"]["1"].pop("sec_per_sample"), r"teacher.nfe.1: missing required key 'sec_per_sample'"),
+        (lambda m: m["models"]["teacher"]["nfe"]["8"].pop("sw2_ratio"), "missing required key 'sw2_ratio'"),
+        (lambda m: m["models"]["reflow"].pop("nfe"), r"models.reflow: missing required key 'nfe'"),
+        (lambda m: m["models"]["teacher"]["nfe"].update({"0": m["models"]["teacher"]["nfe"]["1"]}), "int >= 1"),
+        (lambda m: m["models"]["teacher"]["nfe"]["1"].update(mmd="x"), r"nfe.1.mmd: expected a number"),
+        (lambda m: m["models"]["teacher"]["nfe"]["1"].update(mmd=float("nan")), "finite"),
+        (lambda m: m["dpo"]["reward_mean"].pop("dpo"), r"reward_mean: missing required key 'dpo'"),
+        (lambda m: m.update(models={}), "at least one model"),
+    ],
+)
+def test_schema_rejects_bad_metrics_naming_the_key(mutate, message):
+    metrics = copy.deepcopy(_valid_2d_metrics())
+    mutate(metrics)
+    with pytest.raises(MetricsSchemaError, match=message):
+        validate_metrics_schema(metrics)
+    assert issubclass(MetricsSchemaError, ValueError)
+
+
+def test_sweep_output_plugs_into_valid_metrics(tmp_path):
+    real = torch.randn(400, 2, generator=torch.Generator().manual_seed(3))
+    real_a, real_b = disjoint_subsets(real, 200)
+    floor = floor_2d(real_a, real_b)
+    noise = torch.randn(200, 2, generator=torch.Generator().manual_seed(4))
+    nfe = nfe_sweep(_shrinking_generator([]), [1, 2], noise, None, make_2d_score_fn(real_b, floor))
+    metrics = {"dataset": "gaussian", "floor": floor, "models": {"teacher": {"nfe": nfe}}}
+    validate_metrics_schema(json.loads(json.dumps(metrics)))
