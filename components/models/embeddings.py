@@ -26,7 +26,10 @@ class FourierNoiseEmbedding(nn.Module):
                 f"max_frequency={max_frequency}"
             )
         half = dim // 2
-        frequencies = torch.exp(torch.linspace(math.log(min_frequency), math.log(max_frequency), half))
+        # float64 for the geometric spacing: float32 rounding of large frequencies shifts phases visibly.
+        frequencies = torch.exp(
+            torch.linspace(math.log(min_frequency), math.log(max_frequency), half, dtype=torch.float64)
+        ).float()
         self.register_buffer("frequencies", frequencies, persistent=False)
         self.dim = dim
 
