@@ -266,6 +266,8 @@ def straightness(trajectory: Sequence[torch.Tensor] | torch.Tensor, times: Array
     times. Time is normalised to tau = (t - t_first) / (t_last - t_first) in [0, 1]; dx/dtau is the finite
     difference on each grid interval, so S is exact for the piecewise-linear path through the states.
     The norm is summed over dimensions and averaged over the batch. S = 0 for straight constant-speed paths.
+    On a coarse grid the polyline hides curvature between states, so S is underestimated: compare models
+    on trajectories recorded with the same (fine) grid.
     """
     states, tau = _stack_trajectory(trajectory, times)
     dtau = (tau[1:] - tau[:-1])

@@ -201,3 +201,31 @@ def test_disjoint_subsets_and_ratio_to_floor():
     assert ratio_to_floor(3.0, 1.5) == 2.0
     with pytest.raises(ValueError, match="floor"):
         ratio_to_floor(1.0, 0.0)
+
+
+def test_straightness_of_exact_flow_sampler_trajectories_matches_closed_form():
+    """Gaussian data N(mu, s^2 I) on the flow path (alpha = 1 - t, sigma = t) with the exact denoiser.
+
+    With tau = 1 - t the PF-ODE path is x(tau) = tau mu + g(tau) z, g = sqrt(tau^2 s^2 + (1 - tau)^2),
+    z the starting noise, so S = mean ||z||^2 * (int_0^1 g'^2 dtau - (s - 1)^2).
+    """
+    scipy_integrate = pytest.importorskip("scipy.integrate")
+    from components.diffusion.grids import make_grid
+    from components.diffusion.oracles import GaussianData
+    from components.diffusion.samplers import sample
+    from components.diffusion.schedules import make_schedule
+
+    std = 0.3
+    data = GaussianData(torch.tensor([1.0, -2.0], dtype=torch.float64), std)
+    schedule = make_schedule("flow")
+    noise = _normal(64, 2, seed=16)
+    result = sample(data.denoiser(schedule), schedule, make_grid("uniform", schedule, 200), noise, method="heun",
+                    return_trajectory=True)
+
+    def g_prime(tau: float) -> float:
+        return (tau * std**2 - (1 - tau)) / math.sqrt(tau**2 * std**2 + (1 - tau) ** 2)
+
+    integral = scipy_integrate.quad(lambda tau: g_prime(tau) ** 2, 0.0, 1.0)[0]
+    expected = float(noise.pow(2).sum(1).mean()) * (integral - (std - 1) ** 2)
+    assert expected > 0.1
+    assert straightness(result.trajectory, result.times) == pytest.approx(expected, rel=1e-3)
