@@ -118,7 +118,7 @@ class GaussianData(GaussianMixture):
         if std <= 0:
             raise ValueError(f"std must be > 0, got {std}")
         mu = torch.as_tensor(mu, dtype=torch.float64).reshape(1, -1)
-        super().__init__(torch.ones(1), mu, torch.tensor([float(std)]))
+        super().__init__(torch.ones(1, dtype=torch.float64), mu, torch.tensor([float(std)], dtype=torch.float64))
         self.mu = mu[0]
         self.std = float(std)
 

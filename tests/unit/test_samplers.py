@@ -1,0 +1,229 @@
+"""Samplers and grids against closed forms: exactness, convergence order, mixture statistics, NFE."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from components.diffusion.grids import GRID_KINDS, make_grid
+from components.diffusion.oracles import GaussianData, GaussianMixture, PointMasses
+from components.diffusion.samplers import SAMPLERS, ddim_noise_scale, nfe_of, sample, steps_for_nfe
+from components.diffusion.schedules import SCHEDULES, make_schedule
+
+NAMES = sorted(SCHEDULES)
+
+
+def standard_noise(n, dim, seed=0):
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- grids
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("kind", GRID_KINDS)
+def test_grid_shape_ends_and_order(name, kind):
+    schedule = make_schedule(name)
+    for n_steps in (1, 2, 7):
+        grid = make_grid(kind, schedule, n_steps)
+        assert grid.dtype == torch.float64 and grid.shape == (n_steps + 1,)
+        assert float(grid[0]) == schedule.t_max and float(grid[-1]) == 0.0
+        assert bool(torch.all(grid[1:] < grid[:-1]))
+        if kind != "uniform" and n_steps > 1:
+            assert float(grid[-2]) == pytest.approx(schedule.t_min, rel=1e-9)
+
+
+def test_logsnr_grid_is_geometric_under_edm_and_edm_grid_is_uniform_in_t_to_the_one_over_rho():
+    schedule = make_schedule("edm")
+    grid = make_grid("logsnr", schedule, 6)[:-1]
+    ratios = grid[1:] / grid[:-1]
+    torch.testing.assert_close(ratios, torch.full_like(ratios, float(ratios[0])))
+    rho_grid = make_grid("edm", schedule, 6, rho=3.0)[:-1] ** (1 / 3.0)
+    gaps = rho_grid[1:] - rho_grid[:-1]
+    torch.testing.assert_close(gaps, torch.full_like(gaps, float(gaps[0])))
+
+
+def test_grid_rejects_bad_input():
+    schedule = make_schedule("edm")
+    with pytest.raises(ValueError, match="n_steps"):
+        make_grid("edm", schedule, 0)
+    with pytest.raises(ValueError, match="unknown grid kind 'cosine'"):
+        make_grid("cosine", schedule, 4)
+
+
+# ---------------------------------------------------------------- exactness
+@pytest.mark.parametrize("name", NAMES)
+def test_ddim_is_exact_for_point_mass_data(name):
+    """With one training point the denoiser is constant, and deterministic DDIM is exact for any step count."""
+    schedule = make_schedule(name)
+    point = torch.tensor([[0.7, -1.3]], dtype=torch.float64)
+    denoiser = PointMasses(point).denoiser(schedule)
+    noise = standard_noise(5, 2)
+    for n_steps in (1, 2, 5):
+        grid = make_grid("logsnr", schedule, n_steps)
+        result = sample(denoiser, schedule, grid, noise, method="ddim", return_trajectory=True)
+        torch.testing.assert_close(result.x, point.expand(5, 2), rtol=0, atol=1e-12)
+        # Along the way x_t = alpha_t x0 + sigma_t eps with eps = the starting noise (up to its prior scale).
+        x_start = result.trajectory[0]
+        eps = (x_start - schedule.alpha(grid[0]) * point) / schedule.sigma(grid[0])
+        for t, x_t in zip(grid.tolist(), result.trajectory):
+            torch.testing.assert_close(x_t, schedule.alpha(t) * point + schedule.sigma(t) * eps, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["edm", "flow"])
+def test_euler_equals_ddim_when_alpha_is_affine_in_sigma(name):
+    """For EDM and the flow path the PF-ODE Euler step is the DDIM step (monograph Obs. 9.2.1)."""
+    schedule = make_schedule(name)
+    denoiser = GaussianData(torch.tensor([0.5, 1.0]), 0.4).denoiser(schedule)
+    grid = make_grid("edm", schedule, 6)
+    euler = sample(denoiser, schedule, grid, standard_noise(8, 2), method="euler").x
+    ddim = sample(denoiser, schedule, grid, standard_noise(8, 2), method="ddim").x
+    torch.testing.assert_close(euler, ddim, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- convergence order
+ORDER_CASES = [
+    ("euler", "edm", "logsnr", 1.0),
+    ("euler", "flow", "uniform", 1.0),
+    ("ddim", "vp_cosine", "logsnr", 1.0),
+    ("ddim", "flow", "uniform", 1.0),
+    ("heun", "edm", "logsnr", 2.0),
+    ("heun", "flow", "uniform", 2.0),
+    ("heun", "vp_linear", "edm", 2.0),
+    ("dpmpp_2m", "edm", "logsnr", 2.0),
+    ("dpmpp_2m", "vp_cosine", "logsnr", 2.0),
+    ("dpmpp_2m", "vp_linear", "edm", 2.0),
+]
+
+
+@pytest.mark.parametrize("method,name,kind,order", ORDER_CASES)
+def test_error_against_exact_flow_map_falls_at_the_solver_order(method, name, kind, order):
+    """Gaussian data: the PF-ODE map is affine in closed form; log-log slope of error vs steps ~ -order."""
+    schedule = make_schedule(name)
+    data = GaussianData(torch.tensor([0.7, -0.3]), 0.5)
+    noise = standard_noise(32, 2)
+    steps = [16, 32, 64, 128]
+    errors = []
+    for n_steps in steps:
+        grid = make_grid(kind, schedule, n_steps)
+        if kind != "uniform":
+            grid = grid[:-1]  # stop at t_min so every step is the method's regular step
+        result = sample(data.denoiser(schedule), schedule, grid, noise, method=method)
+        exact = data.flow_map(schedule.sigma(grid[0]) * noise, grid[0], grid[-1], schedule)
+        errors.append(float((result.x - exact).abs().max()))
+    slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
+    assert abs(slope - order) < 0.3, f"{method} on {name}: slope {slope:.2f}, errors {errors}"
+    assert errors[-1] < errors[0]
+
+
+# ---------------------------------------------------------------- mixtures
+def mixture():
+    return GaussianMixture(
+        weights=torch.tensor([0.5, 0.3, 0.2]),
+        means=torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]]),
+        stds=torch.tensor([0.3, 0.5, 0.4]),
+    )
+
+
+@pytest.mark.parametrize("method,opts", [("heun", {}), ("edm_stochastic", {"S_churn": 10.0})])
+def test_mixture_statistics_are_reproduced(method, opts):
+    data, schedule, n = mixture(), make_schedule("edm"), 4000
+    noise = standard_noise(n, 2, seed=1)
+    grid = make_grid("edm", schedule, 32)
+    result = sample(data.denoiser(schedule), schedule, grid, noise, method=method, generator=torch.Generator().manual_seed(2), **opts)
+    x = result.x
+    # Assign every sample to its most likely component (the modes are far apart).
+    component = data.responsibilities(x, 1e-3, schedule).argmax(1)
+    for k in range(3):
+        p = float(data.weights[k])
+        share = float((component == k).double().mean())
+        assert abs(share - p) < 4 * math.sqrt(p * (1 - p) / n), f"mode {k} weight {share:.3f} vs {p}"
+        members = x[component == k]
+        std = float(data.stds[k])
+        se_mean = std / math.sqrt(len(members))
+        assert float((members.mean(0) - data.means[k]).abs().max()) < 5 * se_mean
+        # Variance of a sample variance ~ 2 std^4 / m: allow 5 standard errors.
+        torch.testing.assert_close(torch.cov(members.T), std**2 * torch.eye(2, dtype=torch.float64), rtol=0, atol=5 * std**2 * math.sqrt(2 / len(members)))
+    torch.testing.assert_close(torch.cov(x.T), data.covariance(), rtol=0.08, atol=0.08)
+
+
+def test_stochastic_sampler_actually_adds_noise_and_defaults_to_heun():
+    data, schedule = mixture(), make_schedule("edm")
+    noise = standard_noise(64, 2)
+    grid = make_grid("edm", schedule, 8)
+    heun = sample(data.denoiser(schedule), schedule, grid, noise, method="heun").x
+    plain = sample(data.denoiser(schedule), schedule, grid, noise, method="edm_stochastic").x
+    churned = sample(data.denoiser(schedule), schedule, grid, noise, method="edm_stochastic", S_churn=20.0, generator=torch.Generator().manual_seed(0)).x
+    torch.testing.assert_close(plain, heun, rtol=0, atol=0)
+    assert float((churned - heun).abs().max()) > 1e-3
+
+
+# ---------------------------------------------------------------- DDIM eta (errata)
+@pytest.mark.parametrize("name", ["vp_cosine", "vp_linear"])
+def test_ddim_eta_one_is_the_ddpm_posterior(name):
+    """eta = 1: mean and noise std of the DDIM step equal q(x_t | x_s, x0) (monograph Lemma 4.4.2)."""
+    schedule = make_schedule(name)
+    s, t = 0.6 * schedule.t_max, 0.35 * schedule.t_max
+    abar_s, abar_t = float(schedule.alpha(s)) ** 2, float(schedule.alpha(t)) ** 2
+    posterior_var = (1 - abar_t) / (1 - abar_s) * (1 - abar_s / abar_t)
+    assert ddim_noise_scale(schedule, s, t, 1.0) ** 2 == pytest.approx(posterior_var, rel=1e-10)
+    assert ddim_noise_scale(schedule, s, t, 0.5) ** 2 == pytest.approx(0.25 * posterior_var, rel=1e-10)
+    # Posterior mean: alpha_{s|t} sigma_t^2/sigma_s^2 x_s + alpha_t sigma_{s|t}^2/sigma_s^2 x0, on many noise draws.
+    point = torch.tensor([[0.4, -0.9]], dtype=torch.float64)
+    denoiser = PointMasses(point).denoiser(schedule)
+    n = 20000
+    x_s_value = torch.tensor([1.1, 0.2], dtype=torch.float64)
+    noise = (x_s_value / float(schedule.sigma(s))).expand(n, 2).clone()  # so x_s = sigma_s * noise
+    result = sample(denoiser, schedule, torch.tensor([s, t]), noise, method="ddim", eta=1.0, generator=torch.Generator().manual_seed(0))
+    alpha_s, sigma_s, alpha_t, sigma_t = (float(v) for v in (schedule.alpha(s), schedule.sigma(s), schedule.alpha(t), schedule.sigma(t)))
+    alpha_st = alpha_s / alpha_t
+    cond_var = sigma_s**2 - alpha_st**2 * sigma_t**2
+    mean = alpha_st * sigma_t**2 / sigma_s**2 * x_s_value + alpha_t * cond_var / sigma_s**2 * point[0]
+    torch.testing.assert_close(result.x.mean(0), mean, rtol=0, atol=5 * math.sqrt(posterior_var / n))
+    assert float(result.x.var(0).mean()) == pytest.approx(posterior_var, rel=0.05)
+
+
+# ---------------------------------------------------------------- NFE, trajectory, bad input
+@pytest.mark.parametrize("method", sorted(SAMPLERS))
+def test_nfe_is_counted_and_matches_nfe_of(method):
+    schedule = make_schedule("edm")
+    calls = []
+
+    def counting_denoiser(x, t, cond=None):
+        calls.append(t.shape)
+        return torch.zeros_like(x)
+
+    for n_steps in (1, 3, 6):
+        calls.clear()
+        grid = make_grid("edm", schedule, n_steps)
+        result = sample(counting_denoiser, schedule, grid, standard_noise(4, 2), method=method, return_trajectory=True)
+        assert result.nfe == len(calls) == nfe_of(method, n_steps)
+        assert len(result.trajectory) == n_steps + 1 and torch.equal(result.times, grid)
+        torch.testing.assert_close(result.trajectory[0], 80.0 * standard_noise(4, 2))
+        assert steps_for_nfe(method, result.nfe) == n_steps
+        calls.clear()
+        grid_to_t_min = grid[:-1] if n_steps > 1 else torch.tensor([80.0, 1.0])
+        open_result = sample(counting_denoiser, schedule, grid_to_t_min, standard_noise(4, 2), method=method)
+        assert open_result.nfe == len(calls) == nfe_of(method, len(grid_to_t_min) - 1, ends_at_zero=False)
+
+
+def test_nfe_helpers():
+    assert nfe_of("heun", 18) == 35 and nfe_of("euler", 18) == 18
+    assert steps_for_nfe("heun", 35) == 18 and steps_for_nfe("heun", 4) == 2 and steps_for_nfe("dpmpp_2m", 7) == 7
+    with pytest.raises(ValueError, match="nfe must be"):
+        steps_for_nfe("heun", 0)
+    with pytest.raises(ValueError, match="n_steps must be"):
+        nfe_of("ddim", 0)
+
+
+def test_sampler_rejects_bad_input():
+    schedule = make_schedule("edm")
+    denoiser = GaussianData(0.0, 1.0).denoiser(schedule)
+    noise = standard_noise(2, 1)
+    with pytest.raises(ValueError, match="unknown sampler 'rk4'.*dpmpp_2m"):
+        sample(denoiser, schedule, [80.0, 0.0], noise, method="rk4")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['eta'\]"):
+        sample(denoiser, schedule, [80.0, 0.0], noise, method="heun", eta=1.0)
+    with pytest.raises(ValueError, match="at least 2 times"):
+        sample(denoiser, schedule, [80.0], noise, method="euler")
+    with pytest.raises(ValueError, match="descending"):
+        sample(denoiser, schedule, [1.0, 80.0], noise, method="euler")
