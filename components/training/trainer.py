@@ -123,7 +123,11 @@ class TrainResult:
 
 
 def build_deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
-    """Translate a :class:`TrainConfig` into a DeepSpeed config dict (AdamW via torch, WarmupLR, clipping)."""
+    """Translate a :class:`TrainConfig` into a DeepSpeed config dict (AdamW via torch, WarmupLR, clipping).
+
+    Warmup is linear from 0: the Trainer advances the scheduler so that optimizer step s (1-based) uses
+    ``lr * min(1, s / warmup_steps)``.
+    """
     micro = config.micro_batch_size(world_size)
     ds_config: dict[str, Any] = {
         "train_batch_size": config.batch_size,
@@ -229,6 +233,12 @@ class Trainer:
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=build_deepspeed_config(config, self.world_size),
         )
+        if self.engine.lr_scheduler is not None:
+            # DeepSpeed's WarmupLR gives lr=0 to the first two optimizer steps (iterations -1 and 0). Two
+            # scheduler steps here make optimizer step s use lr * min(1, s / warmup_steps); a resumed run
+            # restores the scheduler's own state from the checkpoint instead.
+            self.engine.lr_scheduler.step()
+            self.engine.lr_scheduler.step()
         # EMA after initialize: DeepSpeed has broadcast rank 0's weights (and cast them for bf16).
         self.ema = EMA(self.engine.module, config.ema_decay)
         self.fingerprint = self._full_fingerprint(fingerprint or {})
@@ -397,6 +407,7 @@ class Trainer:
                         self.step + 1,
                     )
                 self.engine.backward(loss)
+                lr_of_this_step = self.engine.get_lr()[0]
                 self.engine.step()
                 window_loss += loss_value
                 window_micro += 1
@@ -414,7 +425,7 @@ class Trainer:
 
                 if self.step % self.config.log_every == 0 or self.step == self.config.steps:
                     elapsed = time.perf_counter() - window_start
-                    logged = {"loss": window_loss / window_micro, "lr": float(self.engine.get_lr()[0]),
+                    logged = {"loss": window_loss / window_micro, "lr": float(lr_of_this_step),
                               "steps_per_sec": window_steps / max(elapsed, 1e-9)}
                     grad_norm = self.engine.get_global_grad_norm()
                     if grad_norm is not None:
