@@ -66,7 +66,7 @@ def make_loader(shard_dir: Path | str, split: str, batch_size: int, *, shuffle: 
     ds = wds.WebDataset(
         urls,
         resampled=resampled,
-        shardshuffle=(len(urls) if shuffle else False) if not resampled else True,
+        shardshuffle=(len(urls) if shuffle else False) if not resampled else len(urls),
         nodesplitter=wds.split_by_node,
         workersplitter=wds.split_by_worker,
         seed=seed + 1000 * rank if resampled else seed,

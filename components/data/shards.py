@@ -48,7 +48,7 @@ def write_shards(data: SourceData, out_dir: Path, *, val_fraction: float, sample
     n = len(data.x)
     train_idx, val_idx = data.fixed_split or split_indices(n, val_fraction, seed)
     splits_info = {}
-    bar = tqdm(total=n, desc="writing shards", unit="sample", disable=not progress)
+    bar = tqdm(total=n, desc="writing shards", unit="sample", disable=not progress, mininterval=1.0)
     for split, idx in zip(SPLITS, (train_idx, val_idx)):
         per_shard = max(1, min(samples_per_shard, math.ceil(len(idx) / min_shards)))
         pattern = str(out_dir / f"{split}-%06d.tar")

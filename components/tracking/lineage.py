@@ -96,6 +96,25 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def ensure_experiment(name: str, tracking_uri: str, repo_root: Path) -> None:
+    """Select the experiment, creating it with an absolute artifact root for a local sqlite store.
+
+    Without this MLflow stores artifacts under ./mlruns of whatever directory the process started in.
+    """
+    import mlflow
+
+    if mlflow.get_experiment_by_name(name) is None:
+        location = None
+        if tracking_uri.startswith("sqlite:///"):
+            db = Path(tracking_uri.removeprefix("sqlite:///"))
+            location = (db.parent / "mlartifacts").resolve().as_uri()
+        try:
+            mlflow.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException:  # created concurrently by another stage
+            pass
+    mlflow.set_experiment(name)
+
+
 class StageRun:
     """An MLflow run for one stage execution, with the lineage tags and input datasets of DESIGN.md."""
 
@@ -115,7 +134,7 @@ class StageRun:
 
         self._mlflow = mlflow
         mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_experiment(self.experiment)
+        ensure_experiment(self.experiment, self.tracking_uri, self.repo_root)
         tags = {"stage": self.stage, "git.commit": git_commit(self.repo_root) or "unknown",
                 "dvc.lock.digest": dvc_lock_digest(self.repo_root) or "none"}
         for rec in self.inputs:

@@ -1,0 +1,28 @@
+# Thin wrappers: each target is one script or command. `make help` lists them.
+SHELL := /bin/bash
+VENV := .venv
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export DVC_NO_ANALYTICS := true
+
+.PHONY: help setup demo test ui stop bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup:  ## create .venv with the pinned environment (idempotent)
+	@scripts/setup_env.sh
+
+demo: setup  ## run the whole pipeline on the default data (dvc repro), then show the metrics
+	dvc repro && dvc metrics show
+
+test: setup  ## run the test suite
+	python -m pytest $(PYTEST_ARGS)
+
+stop:  ## stop the project-local Prefect server started by stage runs
+	python -m flows server stop
+
+bench: setup  ## run the benchmarks (results in benchmarks/results/)
+	python benchmarks/run_all.py
+
+clean:  ## remove pipeline outputs (not the environment)
+	rm -rf data/shards data/shard models checkpoints

@@ -1,0 +1,96 @@
+"""Shared fixtures: a real Prefect server for the session, and temp copies of the project as git+DVC repos.
+
+Nothing here mocks DVC, Prefect or MLflow: stage tests run `python -m flows ...` and `dvc repro` as a user
+would, against a Prefect server on 127.0.0.1 and an MLflow sqlite store inside the temp project.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """A Prefect server started for this test session (its own PREFECT_HOME), exported as PREFECT_API_URL."""
+    from flows.runtime import ensure_local_server, stop_local_server
+
+    root = tmp_path_factory.mktemp("prefect-home")
+    url = ensure_local_server(root)
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    yield url
+    stop_local_server(root)
+    if previous is None:
+        os.environ.pop("PREFECT_API_URL", None)
+    else:
+        os.environ["PREFECT_API_URL"] = previous
+
+
+def project_env(**extra: str) -> dict[str, str]:
+    """Environment for subprocesses in a temp project: the venv first on PATH, no inherited MLflow URI."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "PIPELINE_PARENT_RUN_ID")}
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    env["DVC_NO_ANALYTICS"] = "true"
+    env["PYTHONPATH"] = ""  # the project dir itself is the cwd
+    env.update(extra)
+    return env
+
+
+def copy_project(dest: Path) -> Path:
+    """Copy the project's source files (tracked + new, not ignored) into `dest` and commit them there."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "test copy"]):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+@pytest.fixture
+def project(tmp_path, prefect_api) -> Path:
+    """A temp copy of the repo (git + DVC initialised), with tiny data params for speed."""
+    root = copy_project(tmp_path / "project")
+    set_params(root, {"data": {"n_samples": 600}, "shard": {"samples_per_shard": 100}})
+    commit_all(root, "tiny params")
+    return root
+
+
+def set_params(root: Path, updates: dict) -> None:
+    path = root / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for section, values in updates.items():
+        params.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def commit_all(root: Path, message: str) -> None:
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True, capture_output=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", message], cwd=root,
+                   check=True, capture_output=True)
+
+
+def run_cmd(root: Path, *args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(list(args), cwd=root, env=project_env(**env), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def run_flows(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return run_cmd(root, sys.executable, "-m", "flows", *args, **env)
+
+
+def run_dvc(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return run_cmd(root, sys.executable, "-m", "dvc", *args, **env)

@@ -1,0 +1,51 @@
+"""params.yaml schema: valid defaults, one-line errors naming the key, overrides."""
+import pytest
+
+from components.config import Params, apply_overrides, load_params, parse_override, validate_params
+from components.errors import ParamsError
+from tests.conftest import REPO
+
+
+def test_repo_params_file_is_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.data.source == "toy2d" and params.data.name == "checkerboard"
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"shard": {"val_fraction": 1.5}}, "shard.val_fraction"),
+    ({"shard": {"val_fraction": 0}}, "shard.val_fraction"),
+    ({"shard": {"val_fractio": 0.5}}, "unknown key 'shard.val_fractio'"),
+    ({"data": {"source": "imagenet"}}, "data.source"),
+    ({"data": {"n_samples": "many"}}, "data.n_samples"),
+    ({"data": {"source": "cifar10"}}, "data.path is required"),
+    ({"nosuchstage": {}}, "unknown key 'nosuchstage'"),
+])
+def test_bad_values_name_the_key_in_one_line(raw, needle):
+    with pytest.raises(ParamsError) as e:
+        validate_params(raw)
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_overrides_are_parsed_as_yaml_and_validated():
+    assert parse_override("shard.val_fraction=0.1") == ("shard.val_fraction", 0.1)
+    assert parse_override("data.path=null") == ("data.path", None)
+    raw = apply_overrides({"shard": {"val_fraction": 0.2}}, ["shard.val_fraction=0.3", "data.name=moons"])
+    p = validate_params(raw)
+    assert p.shard.val_fraction == 0.3 and p.data.name == "moons"
+    with pytest.raises(ParamsError, match="shard.nope"):
+        validate_params(apply_overrides({}, ["shard.nope=1"]))
+    with pytest.raises(ParamsError, match="key.path=value"):
+        parse_override("shard.val_fraction")
+
+
+def test_yaml_syntax_error_is_one_line(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("shard:\n  val_fraction: [0.2\n")
+    with pytest.raises(ParamsError, match="not valid YAML") as e:
+        load_params(f)
+    assert "\n" not in str(e.value)
+
+
+def test_defaults_validate():
+    assert Params().shard.min_shards >= 1
