@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import time
 
 import pytest
 import torch
@@ -68,6 +69,21 @@ def test_nfe_sweep_one_entry_per_nfe_with_timing_and_scores():
     # More steps -> closer to the data in this construction.
     assert result["1"]["sw2"] > result["4"]["sw2"] > result["16"]["sw2"]
     assert result["16"]["sw2"] == pytest.approx(sliced_wasserstein2(noise * (1 + 1 / 16), real_b))
+
+
+def test_sec_per_sample_is_generation_wall_time_divided_by_sample_count():
+    pause, n_samples = 0.02, 4
+
+    def slow_generate(nfe, noise, cond):
+        time.sleep(pause)
+        return noise, nfe
+
+    start = time.perf_counter()
+    result = nfe_sweep(slow_generate, [3], torch.zeros(n_samples, 2), None, lambda x: {"score": 1.0})
+    outer = time.perf_counter() - start
+    # Bounds, not a timing assertion: at least the sleep, at most the whole call, both per sample.
+    assert pause / n_samples <= result["3"]["sec_per_sample"] <= outer / n_samples
+    assert result["3"]["score"] == 1.0 and result["3"]["nfe_actual"] == 3
 
 
 @pytest.mark.parametrize("grid", [[0], [-1, 2], [2.0], [], [True], [1, 1], ["4"]])
