@@ -47,6 +47,7 @@ class ShardParams(Section):
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     samples_per_shard: int = Field(2000, ge=1)
     min_shards: int = Field(4, ge=1)  # per split: at least world_size x loader workers
+    samples_per_record: int = Field(256, ge=1)  # samples per tar record (1 = one sample per record)
     seed: int = 0  # train/val split
 
 

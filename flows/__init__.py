@@ -7,3 +7,7 @@ Flows call `components` (never the reverse) and are what `dvc.yaml` runs: `cmd: 
 STAGES: dict[str, str] = {
     "shard": "flows.shard",
 }
+# Runnable with `python -m flows <name>` but not part of the DAG.
+TOOLS: dict[str, str] = {
+    "selfcheck": "flows.selfcheck",
+}

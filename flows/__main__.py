@@ -12,7 +12,7 @@ import sys
 os.environ.setdefault("DVC_NO_ANALYTICS", "true")
 
 from components.errors import UserError  # noqa: E402  (light imports only before the stage runs)
-from flows import STAGES  # noqa: E402
+from flows import STAGES, TOOLS  # noqa: E402
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -27,7 +27,7 @@ def run_stage_command(stage: str) -> int:
     root = repo_root()
     load_params(root / "params.yaml")  # fail fast, before any server or output is touched
     configure_prefect(root)
-    module = importlib.import_module(STAGES[stage])
+    module = importlib.import_module({**STAGES, **TOOLS}[stage])
     state = module.flow_fn(return_state=True)
     if state.is_completed():
         return 0
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in STAGES.items():
         sub.add_parser(name, help=f"run the '{name}' stage")
+    sub.add_parser("selfcheck", help="run the stage contract with an empty body (checks Prefect + MLflow)")
     sub.add_parser("list", help="list the stages")
     chk = sub.add_parser("check-params", help="validate params.yaml (with optional overrides) and exit")
     chk.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        if args.command in STAGES:
+        if args.command in STAGES or args.command in TOOLS:
             return run_stage_command(args.command)
         if args.command == "list":
             print("\n".join(STAGES))

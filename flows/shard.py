@@ -14,7 +14,8 @@ def build_shards(ctx: StageContext) -> dict:
     data = load_source(ctx.params.data)
     p = ctx.params.shard
     manifest = write_shards(data, ctx.out_dir, val_fraction=p.val_fraction, samples_per_shard=p.samples_per_shard,
-                            min_shards=p.min_shards, seed=p.seed)
+                            min_shards=p.min_shards, seed=p.seed,
+                            samples_per_record=p.samples_per_record)
     ctx.manifest.update(manifest)
     splits = manifest["splits"]
     return {

@@ -30,14 +30,55 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _decode(sample: dict) -> tuple[np.ndarray, int]:
-    x = np.load(io.BytesIO(sample["x.npy"]))
-    y = int(sample["cls"]) if "cls" in sample else -1
+def _decode(record: dict) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    x = np.load(io.BytesIO(record["x.npy"]))
+    y = np.load(io.BytesIO(record["cls.npy"])) if "cls.npy" in record else None
     return x, y
 
 
+def _rebatch(blocks: Iterator, batch_size: int, shuffle: bool, buffer_size: int, seed: int,
+             drop_last: bool) -> Iterator[tuple[np.ndarray, Optional[np.ndarray]]]:
+    """Blocks of samples -> batches. When shuffling, samples are permuted within a pool of ~buffer_size samples
+    from consecutive blocks, and half the pool is kept back to mix with the next blocks.
+
+    Vectorised (concatenate + permute), so the per-sample cost is a copy, not a Python loop.
+    """
+    rng = np.random.default_rng(seed)
+    fill = max(buffer_size, batch_size) if shuffle else batch_size
+    keep = fill // 2 if shuffle else 0
+    pool_x: list[np.ndarray] = []
+    pool_y: list[Optional[np.ndarray]] = []
+    held = 0
+
+    def merged() -> tuple[np.ndarray, Optional[np.ndarray]]:
+        x = np.concatenate(pool_x)
+        y = None if pool_y[0] is None else np.concatenate(pool_y)
+        if shuffle:
+            perm = rng.permutation(len(x))
+            x, y = x[perm], (None if y is None else y[perm])
+        return x, y
+
+    for x, y in blocks:
+        pool_x.append(x)
+        pool_y.append(y)
+        held += len(x)
+        if held < fill:
+            continue
+        x, y = merged()
+        n_out = ((len(x) - keep) // batch_size) * batch_size
+        for i in range(0, n_out, batch_size):
+            yield x[i:i + batch_size], (None if y is None else y[i:i + batch_size])
+        pool_x, pool_y, held = [x[n_out:]], [None if y is None else y[n_out:]], len(x) - n_out
+    if held:
+        x, y = merged()
+        for i in range(0, len(x), batch_size):
+            if len(x) - i < batch_size and drop_last:
+                break
+            yield x[i:i + batch_size], (None if y is None else y[i:i + batch_size])
+
+
 def make_loader(shard_dir: Path | str, split: str, batch_size: int, *, shuffle: bool = True,
-                resampled: bool = False, seed: int = 0, num_workers: int = 0, shuffle_buffer: int = 2000,
+                resampled: bool = False, seed: int = 0, num_workers: int = 0, shuffle_buffer: int = 8192,
                 batches_per_epoch: Optional[int] = None, drop_last: bool = False):
     """An iterable of batches {"x": float tensor [B, ...], "y": long tensor [B] or None}.
 
@@ -57,11 +98,10 @@ def make_loader(shard_dir: Path | str, split: str, batch_size: int, *, shuffle: 
     encoding = manifest["encoding"]
     labelled = manifest.get("num_classes") is not None
 
-    def to_batch(samples):
-        xs, ys = zip(*samples)
-        x = torch.from_numpy(to_model_range(np.stack(xs), encoding))
-        y = torch.as_tensor(ys, dtype=torch.long) if labelled else None
-        return {"x": x, "y": y}
+    def to_batch(pair):
+        x, y = pair
+        return {"x": torch.from_numpy(to_model_range(x, encoding)),
+                "y": torch.from_numpy(y.astype(np.int64)) if labelled else None}
 
     ds = wds.WebDataset(
         urls,
@@ -72,9 +112,9 @@ def make_loader(shard_dir: Path | str, split: str, batch_size: int, *, shuffle: 
         seed=seed + 1000 * rank if resampled else seed,
         empty_check=False,
     ).map(_decode)
-    if shuffle:
-        ds = ds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500))
-    ds = ds.batched(batch_size, collation_fn=to_batch, partial=not drop_last)
+    rebatch_seed = seed + 1000 * rank
+    ds = ds.compose(lambda blocks: _rebatch(blocks, batch_size, shuffle, shuffle_buffer, rebatch_seed, drop_last))
+    ds = ds.map(to_batch)
     if resampled:
         count = manifest["splits"][split]["count"]
         ds = ds.with_epoch(batches_per_epoch or max(1, count // (batch_size * world)))

@@ -1,7 +1,12 @@
 """Write a SourceData into WebDataset tar shards plus a manifest, and read shards back.
 
-Layout: `<out>/{train,val}-%06d.tar` and `<out>/manifest.json`. One sample = `__key__`, `x.npy` (the array:
-a 2-D point, a vector or a [C, H, W] image) and `cls` (its integer class, when labelled).
+Layout: `<out>/{train,val}-%06d.tar` and `<out>/manifest.json`. One tar record = `__key__`, `x.npy` (a block
+of k samples: [k, 2] points, [k, D] vectors or [k, C, H, W] images) and `cls.npy` (their k integer classes, when
+labelled), with k = `samples_per_record` (the last record of a shard may hold fewer).
+
+Why blocks and not one sample per record: Python's tarfile costs ~0.2 ms per member and a tar header is 512
+bytes, so one 8-byte 2-D point per record reads at ~3k samples/s and takes ~4 KB on disk; blocks of 256 read at
+hundreds of thousands of samples/s. `samples_per_record: 1` gives the classic one-sample layout (large images).
 Shards are byte-reproducible (fixed tar mtime), so DVC sees identical outputs for identical params.
 """
 from __future__ import annotations
@@ -41,7 +46,7 @@ def to_model_range(x: np.ndarray, encoding: str) -> np.ndarray:
 
 
 def write_shards(data: SourceData, out_dir: Path, *, val_fraction: float, samples_per_shard: int,
-                 min_shards: int, seed: int, progress: bool = True) -> dict:
+                 min_shards: int, seed: int, samples_per_record: int = 256, progress: bool = True) -> dict:
     """Split, write both splits as shards into `out_dir` (which must exist), return the manifest dict."""
     import webdataset as wds
 
@@ -51,14 +56,18 @@ def write_shards(data: SourceData, out_dir: Path, *, val_fraction: float, sample
     bar = tqdm(total=n, desc="writing shards", unit="sample", disable=not progress, mininterval=1.0)
     for split, idx in zip(SPLITS, (train_idx, val_idx)):
         per_shard = max(1, min(samples_per_shard, math.ceil(len(idx) / min_shards)))
-        pattern = str(out_dir / f"{split}-%06d.tar")
-        with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0, mtime=0.0) as sink:
-            for i in idx:
-                sample = {"__key__": f"{i:08d}", "x.npy": data.x[i]}
-                if data.y is not None:
-                    sample["cls"] = int(data.y[i])
-                sink.write(sample)
-                bar.update(1)
+        n_records = 0
+        for shard_no, start in enumerate(range(0, len(idx), per_shard)):
+            shard_idx = idx[start:start + per_shard]
+            with wds.TarWriter(str(out_dir / f"{split}-{shard_no:06d}.tar"), mtime=0.0) as sink:
+                for r in range(0, len(shard_idx), samples_per_record):
+                    block = shard_idx[r:r + samples_per_record]
+                    record = {"__key__": f"{block[0]:08d}", "x.npy": np.ascontiguousarray(data.x[block])}
+                    if data.y is not None:
+                        record["cls.npy"] = data.y[block]
+                    sink.write(record)
+                    n_records += 1
+                    bar.update(len(block))
         shards = sorted(p.name for p in out_dir.glob(f"{split}-*.tar"))
         xs = to_model_range(data.x[idx], data.encoding)
         hist = None
@@ -69,6 +78,7 @@ def write_shards(data: SourceData, out_dir: Path, *, val_fraction: float, sample
             "count": int(len(idx)),
             "shards": shards,
             "samples_per_shard": per_shard,
+            "records": n_records,
             "class_histogram": hist,
             "sigma_data": float(xs.std()),
             "mean": float(xs.mean()),
@@ -76,7 +86,8 @@ def write_shards(data: SourceData, out_dir: Path, *, val_fraction: float, sample
     bar.close()
     return {
         "format": "webdataset",
-        "sample_keys": ["x.npy", "cls"] if data.y is not None else ["x.npy"],
+        "record_keys": ["x.npy", "cls.npy"] if data.y is not None else ["x.npy"],
+        "samples_per_record": samples_per_record,
         "shape": list(data.x.shape[1:]),
         "dtype": str(data.x.dtype),
         "encoding": data.encoding,
@@ -114,19 +125,20 @@ def read_split(shard_dir: Path | str, split: str, limit: Optional[int] = None) -
     Reads the tars directly (no shuffling, no worker splitting), so every caller sees the same order.
     """
     manifest = read_shard_manifest(shard_dir)
-    xs, ys = [], []
+    xs, ys, n = [], [], 0
     for path in shard_paths(shard_dir, split):
         try:
             with tarfile.open(path) as tar:
                 for m in tar.getmembers():
                     if m.name.endswith(".x.npy"):
                         xs.append(np.load(io.BytesIO(tar.extractfile(m).read())))
-                    elif m.name.endswith(".cls"):
-                        ys.append(int(tar.extractfile(m).read()))
+                        n += len(xs[-1])
+                    elif m.name.endswith(".cls.npy"):
+                        ys.append(np.load(io.BytesIO(tar.extractfile(m).read())))
         except (tarfile.TarError, OSError, ValueError) as e:
             raise DataError(f"corrupt shard {path}: {e.__class__.__name__}: {e}") from None
-        if limit is not None and len(xs) >= limit:
+        if limit is not None and n >= limit:
             break
-    x = to_model_range(np.stack(xs[:limit]), manifest["encoding"])
-    y = np.asarray(ys[:limit], dtype=np.int64) if ys else None
+    x = to_model_range(np.concatenate(xs)[:limit], manifest["encoding"])
+    y = np.concatenate(ys)[:limit].astype(np.int64) if ys else None
     return x, y

@@ -1,8 +1,7 @@
 """DVC end to end in a temp copy of the repo: repro, no-op repro, param change reruns, outputs readable."""
 import json
-import tarfile
 
-from tests.conftest import commit_all, run_dvc, set_params
+from tests.conftest import commit_all, count_samples_with_plain_tar, run_dvc, set_params
 
 
 def test_repro_then_noop_then_param_change_reruns(project):
@@ -25,9 +24,7 @@ def test_repro_then_noop_then_param_change_reruns(project):
     assert r.returncode == 0 and "Running stage 'shard'" in r.stdout
     manifest = json.loads((project / "data/shards/manifest.json").read_text())
     assert manifest["splits"]["train"]["samples_per_shard"] == 60
-    n = sum(1 for f in (project / "data/shards").glob("train-*.tar")
-            for m in tarfile.open(f).getnames() if m.endswith(".x.npy"))
-    assert n == manifest["splits"]["train"]["count"]
+    assert count_samples_with_plain_tar(project / "data/shards", "train") == manifest["splits"]["train"]["count"]
     metrics = run_dvc(project, "metrics", "show", "--json")
     assert json.loads(metrics.stdout)  # dvc reads the stage's metrics file
 

@@ -1,11 +1,10 @@
 """The shard stage through its real entry point (`python -m flows shard`): outputs, lineage, bad input."""
 import json
 import shutil
-import tarfile
 
 import numpy as np
 
-from tests.conftest import run_flows, set_params
+from tests.conftest import count_samples_with_plain_tar, run_flows, set_params
 
 
 def _mlflow_run(project, run_id):
@@ -22,8 +21,8 @@ def test_shard_stage_writes_shards_manifest_metrics_and_mlflow_run(project):
     manifest = json.loads((out / "manifest.json").read_text())
     metrics = json.loads((project / "data" / "shard" / "metrics.json").read_text())
     assert metrics["train_count"] == 480 and metrics["val_count"] == 120
-    n = sum(1 for f in out.glob("train-*.tar") for m in tarfile.open(f).getnames() if m.endswith(".x.npy"))
-    assert n == manifest["splits"]["train"]["count"] == 480
+    assert count_samples_with_plain_tar(out, "train") == manifest["splits"]["train"]["count"] == 480
+    assert count_samples_with_plain_tar(out, "val") == manifest["splits"]["val"]["count"] == 120
     lineage = manifest["lineage"]
     assert lineage["stage"] == "shard" and lineage["params"]["data"]["n_samples"] == 600
     run = _mlflow_run(project, lineage["mlflow_run_id"])

@@ -14,12 +14,12 @@ from components.errors import DataError
 from components.io import write_json
 
 
-def _shard(tmp_path, data=None, n=400, per_shard=50, min_shards=4, name="shards"):
+def _shard(tmp_path, data=None, n=400, per_shard=50, min_shards=4, name="shards", per_record=8):
     data = data or load_source(DataParams(n_samples=n, seed=0))
     out = tmp_path / name
     out.mkdir()
     manifest = write_shards(data, out, val_fraction=0.25, samples_per_shard=per_shard, min_shards=min_shards,
-                            seed=0, progress=False)
+                            seed=0, samples_per_record=per_record, progress=False)
     write_json(out / "manifest.json", manifest)
     return out, manifest, data
 
@@ -31,9 +31,13 @@ def test_plain_tar_and_plain_webdataset_read_the_manifest_counts(tmp_path):
     for split in ("train", "val"):
         files = sorted(out.glob(f"{split}-*.tar"))
         assert [f.name for f in files] == m["splits"][split]["shards"]
-        n_tar = sum(1 for f in files for name in tarfile.open(f).getnames() if name.endswith(".x.npy"))
-        n_wds = sum(1 for _ in wds.WebDataset([str(f) for f in files], shardshuffle=False, empty_check=False))
-        assert n_tar == n_wds == m["splits"][split]["count"]
+        records = [r for f in files for r in tarfile.open(f).getnames() if r.endswith(".x.npy")]
+        assert len(records) == m["splits"][split]["records"]
+        ds = wds.WebDataset([str(f) for f in files], shardshuffle=False, empty_check=False).decode()
+        blocks = [(r["x.npy"], r["cls.npy"]) for r in ds]
+        assert len(blocks) == len(records)
+        assert all(len(x) == len(y) <= m["samples_per_record"] for x, y in blocks)
+        assert sum(len(x) for x, _ in blocks) == m["splits"][split]["count"]
     assert m["splits"]["train"]["count"] + m["splits"]["val"]["count"] == 400
     assert sum(m["splits"]["train"]["class_histogram"].values()) == 300
 
@@ -55,6 +59,13 @@ def test_shards_are_byte_reproducible(tmp_path):
     for f in a.glob("*.tar"):
         assert hashlib.md5(f.read_bytes()).hexdigest() == hashlib.md5((b / f.name).read_bytes()).hexdigest()
     assert ma["digest"] == mb["digest"]
+
+
+def test_one_sample_per_record_layout(tmp_path):
+    out, m, data = _shard(tmp_path, per_record=1)
+    assert m["splits"]["train"]["records"] == m["splits"]["train"]["count"] == 300
+    x, _ = read_split(out, "train")
+    assert x.shape == (300, 2)
 
 
 def test_min_shards_gives_enough_shards_for_ranks_and_workers(tmp_path):
