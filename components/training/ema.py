@@ -25,27 +25,36 @@ class EMA:
                 for name, tensor in model.state_dict().items()
             }
         self._parameter_names = {name for name, _ in model.named_parameters()}
+        self._cache: tuple[nn.Module, list[torch.Tensor], list[torch.Tensor], list[str]] | None = None
+
+    def _pairs_for(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor], list[str]]:
+        """(shadows, live parameters, buffer names) for ``model``, cached: walking the module tree and
+        building a state dict every step costs more than the averaging itself for small models."""
+        if self._cache is not None and self._cache[0] is model:
+            return self._cache[1], self._cache[2], self._cache[3]
+        live = model.state_dict(keep_vars=True)
+        if live.keys() != self.shadow.keys():
+            different = sorted(set(self.shadow) ^ set(live))
+            raise ValueError(f"EMA and model disagree on state keys: {different[:5]}")
+        averaged = [n for n in self.shadow if n in self._parameter_names and self.shadow[n].is_floating_point()]
+        buffers = [n for n in self.shadow if n not in set(averaged)]
+        # Parameter objects survive .to()/load_state_dict (only their data changes), so holding them is safe.
+        self._cache = (model, [self.shadow[n] for n in averaged], [live[n] for n in averaged], buffers)
+        return self._cache[1], self._cache[2], self._cache[3]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Move the shadow one step towards ``model``'s current weights."""
-        live = model.state_dict()
-        if live.keys() != self.shadow.keys():
-            missing = sorted(set(self.shadow) ^ set(live))
-            raise ValueError(f"EMA and model disagree on state keys: {missing[:5]}")
-        averaged, copied = [], []
-        for name, shadow in self.shadow.items():
-            if name in self._parameter_names and shadow.is_floating_point():
-                averaged.append((shadow, live[name]))
-            else:
-                copied.append((shadow, live[name]))
-        if averaged:
-            shadows = [s for s, _ in averaged]
-            params = [p.detach().to(dtype=s.dtype) for s, p in averaged]
+        shadows, params, buffer_names = self._pairs_for(model)
+        if shadows:
+            live = [p.detach() if p.dtype == s.dtype else p.detach().to(s.dtype) for s, p in zip(shadows, params)]
             # One fused kernel over all tensors: shadow += (1 - decay) * (param - shadow).
-            torch._foreach_lerp_(shadows, params, 1.0 - self.decay)
-        for shadow, value in copied:
-            shadow.copy_(value)
+            torch._foreach_lerp_(shadows, live, 1.0 - self.decay)
+        if buffer_names:
+            # Buffers may be replaced as objects (e.g. by .to()), so look them up each time.
+            buffers = dict(model.named_buffers())
+            for name in buffer_names:
+                self.shadow[name].copy_(buffers[name])
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:

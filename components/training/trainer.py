@@ -122,10 +122,11 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def build_deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
+def build_deepspeed_config(config: TrainConfig, world_size: int, engine_clips: bool = True) -> dict[str, Any]:
     """Translate a :class:`TrainConfig` into a DeepSpeed config dict (AdamW via torch, WarmupLR, clipping).
 
-    Warmup is linear from 0: the Trainer advances the scheduler so that optimizer step s (1-based) uses
+    ``engine_clips=False`` leaves gradient clipping to the caller (the Trainer clips itself when the
+    gradients are plain fp32 ``.grad`` tensors, i.e. ZeRO 0 without bf16). Warmup is linear from 0: the Trainer advances the scheduler so that optimizer step s (1-based) uses
     ``lr * min(1, s / warmup_steps)``.
     """
     micro = config.micro_batch_size(world_size)
@@ -144,7 +145,7 @@ def build_deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, An
                 "torch_adam": True,
             },
         },
-        "gradient_clipping": float(config.grad_clip),
+        "gradient_clipping": float(config.grad_clip) if engine_clips else 0.0,
         "zero_optimization": {"stage": config.zero_stage},
         "bf16": {"enabled": config.resolved_precision() == "bf16"},
         "steps_per_print": 2**31 - 1,
@@ -227,12 +228,21 @@ class Trainer:
         self.log_fn = log_fn
         self.checkpoint_dir = Path(checkpoint_dir)
         self.micro_batch_size = config.micro_batch_size(self.world_size)
+        # With ZeRO 0 in fp32 the gradients are ordinary .grad tensors: clipping them here with torch's
+        # fused clip_grad_norm_ is exact, gives the grad norm for free, and avoids DeepSpeed's per-tensor
+        # clipping loop (about 0.7 ms per step on CPU). Other modes keep gradients inside DeepSpeed's
+        # optimizer, so DeepSpeed clips them.
+        self._trainer_clips = config.zero_stage == 0 and config.resolved_precision() == "fp32"
 
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=build_deepspeed_config(config, self.world_size),
+            config=build_deepspeed_config(config, self.world_size, engine_clips=not self._trainer_clips),
         )
+        if self.world_size == 1 and config.zero_stage == 0:
+            # A one-rank "all-reduce" of the gradients is the identity, but DeepSpeed still flattens, reduces
+            # and copies back every gradient each step (about 0.6 ms per step on CPU): skip it.
+            self.engine.enable_backward_allreduce = False
         if self.engine.lr_scheduler is not None:
             # DeepSpeed's WarmupLR gives lr=0 to the first two optimizer steps (iterations -1 and 0). Two
             # scheduler steps here make optimizer step s use lr * min(1, s / warmup_steps); a resumed run
@@ -393,6 +403,8 @@ class Trainer:
         window_metrics: dict[str, float] = {}
         window_start = time.perf_counter()
         micro_in_step = 0
+        lr_of_this_step = float("nan")
+        grad_norm: torch.Tensor | float | None = None
         progress = tqdm(total=self.config.steps, initial=self.step, desc="train", dynamic_ncols=True,
                         disable=self.rank != 0 or not self.config.progress_bar)
         try:
@@ -407,7 +419,12 @@ class Trainer:
                         self.step + 1,
                     )
                 self.engine.backward(loss)
-                lr_of_this_step = self.engine.get_lr()[0]
+                at_boundary = micro_in_step + 1 == accum
+                if at_boundary:
+                    lr_of_this_step = self.engine.get_lr()[0]
+                    if self._trainer_clips and self.config.grad_clip > 0:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(self.engine.module.parameters(),
+                                                                   self.config.grad_clip)
                 self.engine.step()
                 window_loss += loss_value
                 window_micro += 1
@@ -427,9 +444,10 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     logged = {"loss": window_loss / window_micro, "lr": float(lr_of_this_step),
                               "steps_per_sec": window_steps / max(elapsed, 1e-9)}
-                    grad_norm = self.engine.get_global_grad_norm()
+                    if not self._trainer_clips:
+                        grad_norm = self.engine.get_global_grad_norm()
                     if grad_norm is not None:
-                        logged["grad_norm"] = float(grad_norm)
+                        logged["grad_norm"] = float(grad_norm)  # pre-clipping norm of the last step
                     logged.update({k: v / window_micro for k, v in window_metrics.items()})
                     history.append({"step": float(self.step), **logged})
                     if self.rank == 0:
