@@ -1,0 +1,122 @@
+"""Save and load trained denoisers: `model.pt` (weights) + `model.json` (everything needed to rebuild and
+sample them). Every stage that produces a model writes this pair; every stage that consumes one loads it here.
+
+model.json:
+    network      {"kind": "mlp" | "unet", "kwargs": {...}}         -> components.models.build_model
+    schedule     {"name": "edm" | "vp_cosine" | "vp_linear" | "flow", "kwargs": {...}}
+    prediction   "edm" | "eps" | "x0" | "v"                         -> components.diffusion.Denoiser
+    sigma_data   float (from the shard manifest)
+    data_shape   [2] or [C, H, W];  num_classes: int or null;  kind: "points" | "image"
+    sampler      default sampling: {"method", "grid", "steps", "guidance"}
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from components.diffusion.denoiser import Denoiser
+from components.diffusion.grids import make_grid
+from components.diffusion.guidance import GuidedDenoiser
+from components.diffusion.samplers import SampleResult, sample, steps_for_nfe
+from components.diffusion.schedules import Schedule, make_schedule
+from components.errors import DataError
+from components.models import build_model
+
+WEIGHTS_FILE = "model.pt"
+SPEC_FILE = "model.json"
+
+
+def build_denoiser(spec: dict[str, Any]) -> Denoiser:
+    """A fresh (untrained) denoiser from a model.json spec."""
+    net = build_model(spec["network"]["kind"], **spec["network"]["kwargs"])
+    schedule = make_schedule(spec["schedule"]["name"], **spec["schedule"].get("kwargs", {}))
+    return Denoiser(net, schedule, sigma_data=float(spec["sigma_data"]), prediction=spec["prediction"])
+
+
+def save_denoiser(directory: Path | str, state_dict: dict[str, torch.Tensor], spec: dict[str, Any]) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(state_dict, directory / WEIGHTS_FILE)
+    (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+
+
+@dataclass
+class LoadedModel:
+    denoiser: Denoiser
+    spec: dict[str, Any]
+    directory: Path
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.denoiser.schedule
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return self.spec.get("num_classes")
+
+    def sample(self, noise: torch.Tensor, *, nfe: Optional[int] = None, steps: Optional[int] = None,
+               method: Optional[str] = None, grid: Optional[str] = None, cond: Optional[torch.Tensor] = None,
+               guidance: Optional[float] = None, return_trajectory: bool = False,
+               generator: Optional[torch.Generator] = None) -> SampleResult:
+        """Sample with the model's default sampler, overridable; `nfe` picks the most steps that fit.
+
+        With a conditional model and guidance != 1 the guided denoiser is used (2 NFE per call, counted).
+        """
+        defaults = self.spec["sampler"]
+        method = method or defaults["method"]
+        grid_kind = grid or defaults["grid"]
+        w = defaults.get("guidance", 1.0) if guidance is None else guidance
+        denoiser = self.denoiser
+        per_call = 1
+        if cond is not None and self.num_classes is not None and w != 1.0:
+            denoiser = GuidedDenoiser(self.denoiser, w, null_label=self.num_classes)
+            per_call = 2
+        if steps is None:
+            steps = steps_for_nfe(method, max(1, nfe // per_call)) if nfe is not None else defaults["steps"]
+        times = make_grid(grid_kind, self.schedule, steps)
+        with torch.no_grad():
+            return sample(denoiser, self.schedule, times, noise, method=method, cond=cond,
+                          return_trajectory=return_trajectory, generator=generator)
+
+
+def load_denoiser(directory: Path | str) -> LoadedModel:
+    """Rebuild a saved denoiser (eval mode). Missing or mismatched files raise DataError naming them."""
+    directory = Path(directory)
+    missing = [f for f in (WEIGHTS_FILE, SPEC_FILE) if not (directory / f).exists()]
+    if missing:
+        raise DataError(f"{directory} is not a saved model: missing {', '.join(missing)}")
+    try:
+        spec = json.loads((directory / SPEC_FILE).read_text())
+        denoiser = build_denoiser(spec)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{directory / SPEC_FILE} is not a valid model config: {e.__class__.__name__}: {e}") from None
+    try:
+        state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for truncated/foreign files
+        raise DataError(f"cannot read weights {directory / WEIGHTS_FILE}: {e.__class__.__name__}") from None
+    check_state_dict(denoiser, state, directory / WEIGHTS_FILE)
+    denoiser.load_state_dict(state)
+    denoiser.eval()
+    return LoadedModel(denoiser, spec, directory)
+
+
+def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], where: Path | str) -> None:
+    """Compare keys and shapes first so a wrong file gives one clear line, not a shape traceback."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[0]})")
+        if shapes:
+            parts.append(f"shape mismatch {shapes[0]}")
+        raise DataError(f"weights {where} do not fit the network in its model.json: {'; '.join(parts)}")
