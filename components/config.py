@@ -6,8 +6,9 @@ section models here; defaults make every section optional.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -51,6 +52,42 @@ class ShardParams(Section):
     seed: int = 0  # train/val split
 
 
+class FeaturizerParams(Section):
+    """The reference classifier of image evaluation (trained on the train split only; skipped for 2-D data)."""
+
+    steps: int = Field(500, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    seed: int = 0
+
+
+class EvaluateParams(Section):
+    """The evaluate stage: which models, which NFE grid, how many samples (protocol in DESIGN.md)."""
+
+    # Model stages to evaluate: models/<name>/ each. A listed model whose directory does not exist is skipped
+    # with a warning, unless models/<name> is a dep of the evaluate stage in dvc.yaml (then it is an error).
+    models: list[str] = Field(default_factory=lambda: ["teacher"], min_length=1)
+    nfe: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], min_length=1)
+    # Generated samples per NFE point (and real samples per floor set). None: min(2000, val count // 2).
+    n_samples: Optional[int] = Field(None, ge=10)
+    seed: int = 0  # noise and class labels of the generated samples (the same at every NFE)
+    straightness_steps: int = Field(32, ge=2)  # Euler steps, uniform in flow time, same for every model
+    image_grid_size: int = Field(64, ge=1)  # images per sample grid
+    inception_weights: Optional[str] = None  # a local Inception weights file: also compute Inception-FID
+    allow_missing_inception: bool = False  # true: a missing weights file is a warning, not an error
+
+    @model_validator(mode="after")
+    def _unique(self) -> "EvaluateParams":
+        if len(set(self.nfe)) != len(self.nfe):
+            raise ValueError(f"nfe: values must be unique, got {self.nfe}")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError(f"models: names must be unique, got {self.models}")
+        bad = [m for m in self.models if not re.fullmatch(r"[a-z][a-z0-9_]*", m)]
+        if bad:
+            raise ValueError(f"models: '{bad[0]}' is not a stage name (lowercase letters, digits, _)")
+        return self
+
+
 class TrackingParams(Section):
     experiment: str = "diffusion-distill"
     # None: sqlite:///<repo>/mlflow.db ; MLFLOW_TRACKING_URI overrides both.
@@ -63,6 +100,9 @@ class Params(Section):
     tracking: TrackingParams = TrackingParams()
     data: DataParams = DataParams()
     shard: ShardParams = ShardParams()
+
+    featurizer: FeaturizerParams = FeaturizerParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
     def section(self, name: str) -> Section:
         return getattr(self, name)
