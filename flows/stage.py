@@ -19,6 +19,7 @@ from components.errors import DataError, UserError
 from components.io import atomic_output_dir, read_json, remove_stale_temp_dirs, write_json
 from components.tracking.lineage import (MANIFEST, StageRun, describe_input, dvc_lock_digest, git_commit,
                                          resolve_tracking_uri)
+from components.tracking.registry import MODEL_SPEC_FILE, check_tracking_server, log_and_register_model
 from flows.runtime import repo_root
 
 
@@ -71,6 +72,7 @@ def run_stage(spec: StageSpec, body: Callable[[StageContext], Optional[dict]],
     started = time.time()
     stage_params = used_params(params, spec.sections)
     tracking_uri = resolve_tracking_uri(repo, params.tracking.uri)
+    check_tracking_server(tracking_uri)  # one clear line instead of MLflow's minutes of HTTP retries
     with StageRun(spec.name, params.tracking.experiment, tracking_uri, stage_params, inputs, repo) as run:
         with atomic_output_dir(out) as tmp:
             ctx = StageContext(spec, repo, params, tmp, run, inputs)
@@ -93,6 +95,10 @@ def run_stage(spec: StageSpec, body: Callable[[StageContext], Optional[dict]],
         write_json(metrics_file, metrics)
         run.log_metrics(metrics)
         run.log_artifact(out / MANIFEST)
+        if (out / MODEL_SPEC_FILE).exists():  # a model-producing stage: PyTorch flavour + registry
+            name, version = log_and_register_model(out, params.tracking.experiment, spec.name,
+                                                   tags={"stage": spec.name, "git.commit": run.tags.get("git.commit")})
+            run.set_tags({"registered_model.name": name, "registered_model.version": version})
     return metrics
 
 
