@@ -40,7 +40,7 @@ class DataParams(Section):
     @model_validator(mode="after")
     def _path_needed(self) -> "DataParams":
         if self.source in ("image_folder", "npz", "cifar10") and not self.path:
-            raise ValueError(f"data.path is required for source '{self.source}'")
+            raise ValueError(f"path is required for source '{self.source}'")
         return self
 
 
@@ -50,6 +50,76 @@ class ShardParams(Section):
     min_shards: int = Field(4, ge=1)  # per split: at least world_size x loader workers
     samples_per_record: int = Field(256, ge=1)  # samples per tar record (1 = one sample per record)
     seed: int = 0  # train/val split
+
+
+class MLPParams(Section):
+    width: int = Field(256, ge=1)
+    depth: int = Field(4, ge=1)
+    embed_dim: int = Field(64, ge=2)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class UNetParams(Section):
+    base_channels: int = Field(32, ge=1)
+    channel_mult: tuple[int, ...] = (1, 2)
+    num_res_blocks: int = Field(1, ge=1)
+    attention_resolutions: tuple[int, ...] = ()
+    num_heads: int = Field(1, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class ModelParams(Section):
+    """Network architecture, shared by the teacher and the students initialised from it."""
+
+    kind: Literal["auto", "mlp", "unet"] = "auto"  # auto: mlp for points, unet for images
+    mlp: MLPParams = MLPParams()
+    unet: UNetParams = UNetParams()
+
+
+class SamplerParams(Section):
+    method: Literal["euler", "heun", "ddim", "dpmpp_2m", "edm_stochastic"] = "heun"
+    grid: Literal["auto", "edm", "uniform", "logsnr"] = "auto"  # auto: edm for edm, logsnr for eps, uniform for flow
+    steps: int = Field(32, ge=1)
+    guidance: float = Field(1.0, ge=0.0)  # classifier-free guidance weight w (1 = plain conditional)
+
+
+class TrainParams(Section):
+    """Optimisation knobs shared by every training stage (the one Trainer)."""
+
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(1024, ge=1)  # global, over all processes and accumulation steps
+    lr: float = Field(2e-3, gt=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    grad_accum: int = Field(1, ge=1)
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    zero_stage: Literal[0, 1, 2] = 0
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    checkpoint_every: int = Field(500, ge=0)
+    log_every: int = Field(50, ge=1)
+    processes: int = Field(1, ge=1)  # >1 launches that many ranks (torchrun), shards split by rank
+    torch_threads: int = Field(0, ge=0)  # 0 = auto: 1 for the MLP (threads only add sync cost), all cores for the UNet
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "TrainParams":
+        split = self.processes * self.grad_accum
+        if self.batch_size % split:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by processes x grad_accum = {split}")
+        return self
+
+    def trainer_kwargs(self) -> dict:
+        """The subset of these params that components.training.TrainConfig takes."""
+        return self.model_dump(include=set(TrainParams.model_fields) - {"processes", "torch_threads"})
+
+
+class TeacherParams(TrainParams):
+    objective: Literal["edm", "eps", "flow"] = "edm"
+    conditional: bool = False  # class-conditional with label dropout (classifier-free guidance)
+    p_uncond: float = Field(0.1, ge=0.0, le=1.0)
+    sampler: SamplerParams = SamplerParams()
+    plot_samples: int = Field(2000, ge=1)
 
 
 class FeaturizerParams(Section):
@@ -100,6 +170,8 @@ class Params(Section):
     tracking: TrackingParams = TrackingParams()
     data: DataParams = DataParams()
     shard: ShardParams = ShardParams()
+    model: ModelParams = ModelParams()
+    teacher: TeacherParams = TeacherParams()
 
     featurizer: FeaturizerParams = FeaturizerParams()
     evaluate: EvaluateParams = EvaluateParams()
@@ -156,8 +228,9 @@ def format_validation_error(e: ValidationError, source: str) -> str:
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         return f"{source}: unknown key '{loc}'"
-    if err["type"] == "value_error":  # model validators: the message already names the key
-        return f"{source}: {msg.removeprefix('Value error, ')}"
+    if err["type"] == "value_error":  # a model validator: its message starts with the key inside `loc`
+        prefix = f"{loc}." if loc else ""
+        return f"{source}: {prefix}{msg.removeprefix('Value error, ')}"
     value = err.get("input")
     shown = "" if isinstance(value, dict) else f" = {value!r}"
     extra = f" ({len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""

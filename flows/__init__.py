@@ -6,6 +6,9 @@ Flows call `components` (never the reverse) and are what `dvc.yaml` runs: `cmd: 
 # Stage name -> module defining `flow` (imported lazily: Prefect, MLflow and torch imports cost seconds).
 STAGES: dict[str, str] = {
     "shard": "flows.shard",
+    "teacher": "flows.teacher",
+    "featurizer": "flows.featurizer",
+    "evaluate": "flows.evaluate",
 }
 # Runnable with `python -m flows <name>` but not part of the DAG.
 TOOLS: dict[str, str] = {

@@ -1,0 +1,33 @@
+"""One training rank of a multi-process stage: `python -m torch.distributed.run ... -m flows.train_worker JOB`.
+
+The stage flow writes JOB (a JSON file: what to train, where to export, which MLflow run to log into) and
+launches N ranks of this module; rank 0 logs metrics into the stage's MLflow run.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from components.training.denoiser_training import train_denoiser
+from components.training.distributed import world_info
+
+
+def main(job_path: str) -> int:
+    job = json.loads(open(job_path).read())
+    rank, _ = world_info()
+    log_fn = None
+    if rank == 0 and job.get("run_id"):
+        from components.tracking.metrics import run_metrics_logger
+
+        log_fn = run_metrics_logger(job["tracking_uri"], job["run_id"])
+    result = train_denoiser(job["spec"], job["objective"], job["shards"], job["train"], job["checkpoint_dir"],
+                            job["export"], log_fn=log_fn, progress=rank == 0,
+                            torch_threads=job.get("torch_threads", 0))
+    if rank == 0:
+        with open(job["result"], "w") as f:
+            json.dump({"steps": result.steps, "final_loss": result.final_loss, "history": result.history}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
