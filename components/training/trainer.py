@@ -11,7 +11,6 @@ Checkpoint layout inside ``checkpoint_dir``::
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
