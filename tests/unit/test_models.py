@@ -29,9 +29,9 @@ def _perturb_output_layer(net: nn.Module) -> None:
         last.bias.normal_(0.0, 0.5)
 
 
-def _nets() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+def _nets() -> list:
     torch.manual_seed(0)
-    return [
+    cases = [
         ("mlp-uncond", build_model("mlp", data_dim=2, width=32, depth=2, embed_dim=16), (5, 2)),
         ("mlp-cond", build_model("mlp", data_dim=3, width=32, depth=2, num_classes=NUM_CLASSES), (5, 3)),
         ("unet8-uncond", _small_unet(8, None), (2, 3, 8, 8)),
@@ -39,9 +39,10 @@ def _nets() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
         ("unet32-uncond", _small_unet(32, None), (2, 3, 32, 32)),
         ("unet32-cond", _small_unet(32, NUM_CLASSES), (2, 3, 32, 32)),
     ]
+    return [pytest.param(*case, id=case[0]) for case in cases]
 
 
-@pytest.mark.parametrize("name,net,shape", _nets(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name,net,shape", _nets())
 def test_output_shaped_like_input_and_zero_at_init(name: str, net: nn.Module, shape: tuple[int, ...]) -> None:
     x = torch.randn(shape)
     c_noise = torch.randn(shape[0])
@@ -52,7 +53,7 @@ def test_output_shaped_like_input_and_zero_at_init(name: str, net: nn.Module, sh
     assert torch.equal(out, torch.zeros_like(x))
 
 
-@pytest.mark.parametrize("name,net,shape", _nets(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize("name,net,shape", _nets())
 def test_every_parameter_gets_a_gradient(name: str, net: nn.Module, shape: tuple[int, ...]) -> None:
     _perturb_output_layer(net)
     cond = torch.arange(shape[0]) % (NUM_CLASSES + 1) if name.endswith("-cond") else None
