@@ -1,6 +1,7 @@
 """Command line: `python -m flows <stage>` runs one stage as a Prefect flow (this is what dvc.yaml calls).
 
-Other commands: `list`, `check-params`, `server start|stop|status`. Run `python -m flows --help`.
+Other commands: `pipeline`, `serve`, `lineage`, `list`, `check-params`, `server start|stop|status`.
+Run `python -m flows --help`.
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                     "Normally invoked by `dvc repro`, which decides which stages are stale.",
         epilog="examples:\n  python -m flows shard          run the shard stage now (ignores DVC staleness)\n"
                "  python -m flows check-params --set shard.val_fraction=0.1\n"
+               "  python -m flows pipeline --set shard.seed=1   the whole DAG as one flow, override saved as a DVC exp\n"
+               "  python -m flows lineage shard  runs behind the current output, back to the data\n"
                "  dvc repro                      rebuild whatever changed (the usual way)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -57,6 +60,16 @@ def main(argv: list[str] | None = None) -> int:
                      help="override a param, e.g. shard.val_fraction=0.1 (repeatable)")
     srv = sub.add_parser("server", help="the project-local Prefect server used when PREFECT_API_URL is unset")
     srv.add_argument("action", choices=["start", "stop", "status"])
+    pipe = sub.add_parser("pipeline", help="reproduce the DVC pipeline stage by stage as one Prefect flow")
+    pipe.add_argument("targets", nargs="*", default=["all"], help="stage names (default: all)")
+    pipe.add_argument("--force", action="store_true", help="rerun the planned stages even if up to date")
+    pipe.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="param override written to params.yaml and saved as a DVC experiment (repeatable)")
+    pipe.add_argument("--name", dest="run_name", default=None, help="MLflow parent run / DVC experiment name")
+    sub.add_parser("serve", help="serve the pipeline and each stage as Prefect deployments (runs until Ctrl-C)")
+    lin = sub.add_parser("lineage", help="print the chain of MLflow runs from a run (or a stage's output) to the data")
+    lin.add_argument("ref", help="an MLflow run id or a stage name (the run that produced its current output)")
+    lin.add_argument("--json", action="store_true", help="print the chain as JSON")
     args = parser.parse_args(argv)
 
     try:
@@ -72,6 +85,18 @@ def main(argv: list[str] | None = None) -> int:
             load_params(repo_root() / "params.yaml", args.overrides)
             print("params OK")
             return 0
+        if args.command == "pipeline":
+            from flows.pipeline import run_pipeline_command
+
+            return run_pipeline_command(args.targets, args.force, args.overrides, args.run_name)
+        if args.command == "serve":
+            from flows.serve import serve_command
+
+            return serve_command()
+        if args.command == "lineage":
+            from flows.lineage import lineage_command
+
+            return lineage_command(args.ref, as_json=args.json)
         if args.command == "server":
             from flows.runtime import ensure_local_server, local_server_url, repo_root, stop_local_server
 

@@ -1,0 +1,328 @@
+"""The whole DAG as one Prefect flow: one task per DVC stage, in DVC's order, each running
+`dvc --wait-for-lock repro --single-item <stage>` so that DVC alone decides what is stale.
+
+- The stage list and order come from DVC's own graph of dvc.yaml (nothing is listed twice).
+- A stage DVC did not run finishes as a Completed state named "Skipped" (deps unchanged) or "Cached" (restored
+  from DVC's run cache); a failed stage fails the task and the flow at once, naming the stage.
+- One MLflow parent run per pipeline run (run name = `run_name`); the stage runs become its children through
+  PIPELINE_PARENT_RUN_ID, which the dvc subprocesses inherit.
+- Overrides (`shard.val_fraction=0.1`) are validated against the params schema before anything runs (a bad key
+  or value fails naming it), then written into params.yaml exactly as `dvc exp run -S` does in the workspace
+  (comments kept), the stages are reproduced, and the result is recorded with `dvc exp save` (params.yaml,
+  dvc.lock and metrics as a DVC experiment, listed by `dvc exp show`). The parent MLflow run carries the
+  overrides and the experiment name, and each stage run logs the params it used, so DVC and MLflow agree.
+  Like `dvc exp run`, the overrides stay in the workspace params.yaml afterwards.
+- Concurrency: a pipeline-wide file lock (.dvc/tmp/pipeline.lock) makes a second run wait for the first, so
+  params.yaml is never rewritten under a running pipeline; DVC's --wait-for-lock covers any other dvc process.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run as flow_run_context
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Completed, Failed
+
+from components.config import apply_overrides, parse_override, read_params_file, validate_params
+from components.errors import ParamsError, UserError
+from components.io import read_json
+from components.tracking.lineage import MANIFEST, resolve_tracking_uri
+from components.tracking.registry import check_tracking_server
+from flows.runtime import repo_root
+
+ALL = "all"
+LOCK_FILE = ".dvc/tmp/pipeline.lock"
+RAN, SKIPPED, CACHED = "Ran", "Skipped", "Cached"
+
+
+class UnknownStage(UserError):
+    """A target that is not a stage of dvc.yaml."""
+
+
+class StageFailed(UserError):
+    """`dvc repro` of one stage failed; the message names the stage and DVC's last error line."""
+
+
+# ---------------------------------------------------------------- the DAG, read from DVC
+
+def dvc_stages(root: Path) -> tuple[list[str], dict[str, set[str]], dict[str, list[str]]]:
+    """All stages of dvc.yaml in a dependency order (ties broken by name), each stage's direct upstream
+    stages, and each stage's output paths, all from DVC's own stage graph."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        names = {stage: stage.addressing for stage in graph.nodes}
+        upstream = {names[s]: {names[d] for d in graph.successors(s)} for s in graph.nodes}
+        outs = {names[s]: [str(out.def_path) for out in s.outs] for s in graph.nodes}
+        order = [names[s] for s in nx.lexicographical_topological_sort(graph.reverse(copy=True),
+                                                                       key=lambda s: names[s])]
+    return order, upstream, outs
+
+
+def plan_stages(root: Path, targets: Optional[list[str]] = None) -> list[str]:
+    """The stages to reproduce for `targets` (stage names or "all"), upstream first, as `dvc repro` would.
+
+    Raises UnknownStage naming the first target that is not in dvc.yaml.
+    """
+    order, upstream, _ = dvc_stages(root)
+    targets = list(targets or [ALL])
+    if not targets or ALL in targets:
+        return order
+    for target in targets:
+        if target not in upstream:
+            raise UnknownStage(f"unknown target stage '{target}'; dvc.yaml has: {', '.join(order) or '(none)'}")
+    wanted: set[str] = set()
+    pending = list(targets)
+    while pending:
+        stage = pending.pop()
+        if stage not in wanted:
+            wanted.add(stage)
+            pending.extend(upstream[stage])
+    return [s for s in order if s in wanted]
+
+
+def stage_outputs(root: Path) -> dict[str, list[str]]:
+    return dvc_stages(root)[2]
+
+
+# ---------------------------------------------------------------- overrides
+
+def validate_overrides(root: Path, overrides: Optional[list[str]]) -> dict[str, Any]:
+    """Parse and validate `key.path=value` overrides against params.yaml + schema; {key: value}.
+
+    Raises ParamsError naming the key when it does not exist or the value has the wrong type/range.
+    """
+    parsed = dict(parse_override(o) for o in overrides or [])
+    if parsed:
+        raw = read_params_file(root / "params.yaml")
+        validate_params(apply_overrides(raw, parsed), source=f"override of {', '.join(parsed)}")
+    return parsed
+
+
+def write_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
+    """Set dotted keys in params.yaml in place, keeping comments and order (round-trip YAML, as DVC does)."""
+    from ruamel.yaml import YAML
+
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.representer.add_representer(  # keep `null` spelled out (ruamel writes an empty value by default)
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    data = yaml.load(params_file.read_text())
+    for key, value in overrides.items():
+        node = data
+        *sections, leaf = key.split(".")
+        for section in sections:
+            if node.get(section) is None:
+                node[section] = {}
+            node = node[section]
+        node[leaf] = value
+    with open(params_file, "w") as f:
+        yaml.dump(data, f)
+
+
+def experiment_name(run_name: str) -> str:
+    """A valid DVC experiment (git ref) name derived from the run name."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", run_name).strip("-.") or "pipeline"
+    return name[:80]
+
+
+# ---------------------------------------------------------------- running DVC
+
+def subprocess_env() -> dict[str, str]:
+    """This process's env (PREFECT_API_URL, MLFLOW_TRACKING_URI, PIPELINE_PARENT_RUN_ID) with the venv first on
+    PATH, so the stages' `python -m flows ...` use this interpreter."""
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env["DVC_NO_ANALYTICS"] = "true"
+    env.pop("DVC_ROOT", None)  # DVC sets it for the stage it runs
+    return env
+
+
+def run_dvc(root: Path, args: list[str], log=None) -> tuple[int, list[str]]:
+    """Run `dvc --wait-for-lock <args>` in the repo, streaming its output to `log`; (exit code, lines)."""
+    command = [sys.executable, "-m", "dvc", "--wait-for-lock", *args]
+    proc = subprocess.Popen(command, cwd=root, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL)
+    lines = []
+    for line in proc.stdout:
+        line = line.rstrip()
+        lines.append(line)
+        if log and line:
+            log(line)
+    return proc.wait(), lines
+
+
+def classify(stage: str, lines: list[str]) -> str:
+    """What DVC did with the stage, from its own messages."""
+    text = "\n".join(lines)
+    if f"Running stage '{stage}'" in text:
+        return RAN
+    if f"Stage '{stage}' is cached" in text:
+        return CACHED
+    return SKIPPED
+
+
+def stage_run_id(root: Path, outputs: list[str]) -> Optional[str]:
+    """The MLflow run that produced the stage's current output (from its manifest), if it has one."""
+    for out in outputs:
+        manifest = root / out / MANIFEST
+        if manifest.exists():
+            return read_json(manifest).get("lineage", {}).get("mlflow_run_id")
+    return None
+
+
+@task(name="dvc-repro", task_run_name="{stage}", cache_policy=NO_CACHE)
+def reproduce_stage(stage: str, root: str, force: bool = False):
+    """`dvc repro --single-item <stage>`: DVC decides whether it is stale. Returns a Completed state named
+    Ran / Skipped / Cached (shown in the UI); raises StageFailed naming the stage on failure."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    code, lines = run_dvc(Path(root), ["repro", "--single-item", stage, *(["--force"] if force else [])],
+                          log=logger.info)
+    seconds = round(time.perf_counter() - started, 2)
+    if code != 0:
+        last = next((l for l in reversed(lines) if l.strip().startswith(("ERROR", "error"))), None)
+        last = last or next((l for l in reversed(lines) if l.strip()), "no output")
+        raise StageFailed(f"stage '{stage}' failed (dvc repro exit {code}): {last.strip()}")
+    outcome = classify(stage, lines)
+    result = {"stage": stage, "outcome": outcome, "seconds": seconds}
+    return Completed(message=f"{stage}: {outcome.lower()} in {seconds} s", name=outcome, data=result)
+
+
+@contextlib.contextmanager
+def pipeline_lock(root: Path, log) -> Iterator[None]:
+    """Hold the pipeline-wide lock; a second pipeline run waits here (and says so) until the first ends."""
+    path = root / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another pipeline run holds {LOCK_FILE}; waiting for it to finish")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------- the flow
+
+def check_request(root: Path, targets: Optional[list[str]], overrides: Optional[list[str]]):
+    """Everything checked before anything runs: targets, overrides, the MLflow server. (plan, overrides, uri)."""
+    plan = plan_stages(root, targets)
+    parsed = validate_overrides(root, overrides)
+    raw = apply_overrides(read_params_file(root / "params.yaml"), parsed)
+    params = validate_params(raw)
+    tracking_uri = resolve_tracking_uri(root, params.tracking.uri)
+    check_tracking_server(tracking_uri)
+    return plan, parsed, params, tracking_uri
+
+
+def execute(root: Path, targets: Optional[list[str]], force: bool, overrides: Optional[list[str]],
+            run_name: Optional[str], log) -> dict:
+    """The pipeline body (outside Prefect's wrapper so the CLI and the benchmark can report errors cleanly)."""
+    from components.tracking.runs import PipelineRun
+
+    plan, parsed, params, tracking_uri = check_request(root, targets, overrides)
+    run_name = run_name or f"pipeline-{flow_run_context.name or time.strftime('%Y%m%d-%H%M%S')}"
+    outputs = stage_outputs(root)
+    log(f"plan: {' -> '.join(plan) or '(no stages)'}" + (f"; overrides {parsed}" if parsed else ""))
+    with pipeline_lock(root, log):
+        if parsed:
+            write_overrides(root / "params.yaml", parsed)
+        tags = {"pipeline.targets": ",".join(targets or [ALL]), "pipeline.force": str(bool(force)),
+                "prefect.flow_run_id": flow_run_context.id or "none"}
+        summary: dict[str, Any] = {"run_name": run_name, "plan": plan, "overrides": parsed, "stages": []}
+        with PipelineRun(params.tracking.experiment, tracking_uri, root, run_name,
+                         params={"override": parsed} if parsed else None, extra_tags=tags) as parent:
+            summary["mlflow_parent_run_id"] = parent.run_id
+            for stage in plan:
+                state = reproduce_stage(stage, str(root), force, return_state=True)
+                if not state.is_completed():
+                    parent.set_tags({f"stage.{stage}.outcome": "Failed"})
+                    cause = state.result(raise_on_failure=False)
+                    raise cause if isinstance(cause, UserError) else StageFailed(
+                        f"stage '{stage}' failed: {state.message}")
+                record = {**state.result(), "mlflow_run_id": stage_run_id(root, outputs.get(stage, []))}
+                summary["stages"].append(record)
+                parent.set_tags({f"stage.{stage}.outcome": record["outcome"],
+                                 f"stage.{stage}.run_id": record["mlflow_run_id"] or "none"})
+                parent.log_metrics({f"{stage}.seconds": record["seconds"]})
+            if parsed:
+                name = experiment_name(run_name)
+                code, lines = run_dvc(root, ["exp", "save", "--force", "--name", name, *plan])
+                if code != 0:
+                    raise UserError(f"`dvc exp save` failed: {lines[-1] if lines else 'no output'}")
+                summary["dvc_experiment"] = name
+                parent.set_tags({"dvc.exp.name": name})
+    return summary
+
+
+def publish_summary(summary: dict) -> None:
+    """A table artifact in the Prefect UI: each stage, what DVC did, seconds, its MLflow run."""
+    from prefect.artifacts import create_table_artifact
+
+    rows = [{"stage": r["stage"], "outcome": r["outcome"], "seconds": r["seconds"],
+             "mlflow_run_id": r["mlflow_run_id"] or ""} for r in summary["stages"]]
+    create_table_artifact(key="pipeline-stages", table=rows,
+                          description=f"MLflow parent run {summary.get('mlflow_parent_run_id')}")
+
+
+@flow(name="pipeline", description="Reproduce the DVC pipeline (or some targets) stage by stage; DVC decides "
+                                   "what is stale. Overrides are key.path=value, recorded as a DVC experiment.")
+def pipeline(targets: list[str] = [ALL], force: bool = False, overrides: list[str] = [],  # noqa: B006
+             run_name: Optional[str] = None):
+    """targets: stage names or "all"; force: rerun even if up to date; overrides: e.g. ["shard.seed=1"];
+    run_name: the MLflow parent run and DVC experiment name (default: pipeline-<flow run name>)."""
+    logger = get_run_logger()
+    root = repo_root()
+    try:
+        summary = execute(root, targets, force, overrides, run_name, logger.info)
+    except UserError as e:
+        logger.error(f"{type(e).__name__}: {e}")
+        return Failed(message=str(e), data=e)
+    publish_summary(summary)
+    logger.info(", ".join(f"{r['stage']}: {r['outcome']}" for r in summary["stages"]) or "nothing to do")
+    return summary
+
+
+flow_fn = pipeline
+
+
+def run_pipeline_command(targets: list[str], force: bool, overrides: list[str], run_name: Optional[str]) -> int:
+    """`python -m flows pipeline`: check the request before any server starts, run the flow, print a summary."""
+    from flows.runtime import configure_prefect
+
+    root = repo_root()
+    check_request(root, targets, overrides)  # bad target / override / MLflow server: one line, nothing runs
+    api_url = configure_prefect(root)
+    # Prefect read its settings when this module imported it, before configure_prefect chose the server.
+    with (temporary_settings(updates={PREFECT_API_URL: api_url}) if api_url.startswith("http")
+          else contextlib.nullcontext()):
+        state = pipeline(targets=targets, force=force, overrides=overrides, run_name=run_name, return_state=True)
+    if not state.is_completed():
+        cause = state.result(raise_on_failure=False)
+        if isinstance(cause, UserError):
+            raise cause
+        print(f"error: {state.message}", file=sys.stderr)
+        return 1
+    summary = state.result()
+    for record in summary["stages"]:
+        print(f"{record['stage']:<16} {record['outcome']:<8} {record['seconds']:>7.2f} s  "
+              f"mlflow run {record['mlflow_run_id'] or '-'}")
+    print(f"MLflow parent run {summary['mlflow_parent_run_id']}"
+          + (f"; DVC experiment '{summary['dvc_experiment']}'" if summary.get("dvc_experiment") else ""))
+    return 0
