@@ -117,6 +117,7 @@ def write_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
 
     yaml = YAML()
     yaml.preserve_quotes = True
+    yaml.width = 4096  # never re-wrap long flow-style lines
     yaml.representer.add_representer(  # keep `null` spelled out (ruamel writes an empty value by default)
         type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
     data = yaml.load(params_file.read_text())
