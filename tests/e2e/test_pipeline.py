@@ -32,7 +32,7 @@ from components.models.store import build_denoiser, save_denoiser
 from flows.stage import StageSpec, run_stage_in_flow
 
 STAGE = os.environ["DVC_STAGE"]
-SPEC = StageSpec(name=STAGE, output=f"data/{STAGE}", inputs=("data/shards",), sections=("shard",))
+SPEC = StageSpec(name=STAGE, output=f"data/{STAGE}_out", inputs=("data/shards",), sections=("shard",))
 MODEL = {"network": {"kind": "mlp", "kwargs": {"data_dim": 2, "width": 8, "depth": 1, "embed_dim": 8}},
          "schedule": {"name": "edm", "kwargs": {}}, "prediction": "edm", "sigma_data": 0.5,
          "data_shape": [2], "num_classes": None, "kind": "points", "sampler": {}}
@@ -65,7 +65,7 @@ def add_probe_stages(root: Path) -> None:
             "cmd": f"python -m flows {probe}",
             "deps": ["flows/probe.py", "flows/stage.py", "data/shards"],
             "params": ["shard", {"probe.yaml": [f"{probe}.value"]}],
-            "outs": [f"data/{probe}"],
+            "outs": [f"data/{probe}_out"],
             "metrics": [{f"data/{probe}/metrics.json": {"cache": False}}],
         }
     (root / "dvc.yaml").write_text(yaml.safe_dump(dvc, sort_keys=False))
@@ -115,7 +115,7 @@ def test_repro_twice_then_one_param_reruns_that_stage_only(project):
     set_probe(project, "probe_a", 2)
     r = run_dvc(project, "repro", *PROBES)
     assert r.returncode == 0 and ran_stages(r.stdout) == {"probe_a"}  # not its parent, not its sibling
-    assert (project / "data/probe_a/value.txt").read_text() == "2"
+    assert (project / "data/probe_a_out/value.txt").read_text() == "2"
 
 
 def wait_for_deployment(name: str, timeout: float = 180.0):
@@ -202,7 +202,7 @@ def test_served_deployment_run_with_override(project, prefect_api):
     for probe in PROBES:
         assert children[probe]["upstream"] == {"shard": children["shard"]["run_id"]}
         assert [d["digest"] for d in children[probe]["inputs"]] == [shard_digest]
-        manifest = json.loads((project / f"data/{probe}/manifest.json").read_text())
+        manifest = json.loads((project / f"data/{probe}_out/manifest.json").read_text())
         assert manifest["lineage"]["mlflow_parent_run_id"] == parent.info.run_id
     assert parent.data.tags["stage.probe_b.run_id"] == children["probe_b"]["run_id"]
     # registry: the model-producing stage registered <experiment>-<stage>, @latest is this run's model
