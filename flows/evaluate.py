@@ -40,7 +40,9 @@ from components.evaluation import (MissingDependencyError, disjoint_subsets, flo
                                    inception_fid, load_classifier, make_2d_score_fn, make_image_score_fn, nfe_sweep,
                                    quality_table_rows, quality_vs_nfe, scatter_grid, straightness, trajectory_plot,
                                    validate_metrics_schema, write_html_report, write_quality_tables_per_model)
-from components.models.store import LoadedModel, load_denoiser
+from components.io import read_json
+from components.models.store import SPEC_FILE, WEIGHTS_FILE, LoadedModel, load_denoiser
+from components.tracking.lineage import MANIFEST
 from flows.runtime import repo_root
 from flows.stage import StageContext, StageSpec, read_manifest, run_stage_in_flow
 
@@ -93,6 +95,20 @@ def resolve_spec(repo: Path, params: Params) -> tuple[StageSpec, list[str]]:
     produced_by = {"data/shards": "shard", "models/featurizer": "featurizer",
                    **{f"models/{name}": name for name in model_inputs}}
     return dataclasses.replace(SPEC, inputs=inputs, produced_by=produced_by), skipped
+
+
+def check_inputs_before_running(repo: Path, spec: StageSpec, p: EvaluateParams) -> None:
+    """Cheap checks of the inputs, before the MLflow run opens: model dirs complete, enough held-out samples."""
+    for rel in spec.inputs:
+        directory = repo / rel
+        if rel in BASE_INPUTS or not directory.exists():
+            continue  # missing declared inputs are reported by the stage contract
+        missing = [f for f in (WEIGHTS_FILE, SPEC_FILE, MANIFEST) if not (directory / f).is_file()]
+        if missing:
+            raise DataError(f"{directory} is not a complete model directory: missing {', '.join(missing)}")
+    shard_manifest = repo / "data" / "shards" / MANIFEST
+    if shard_manifest.exists():
+        resolve_n_samples(p.n_samples, int(read_json(shard_manifest)["splits"]["val"]["count"]))
 
 
 def model_names(ctx: StageContext) -> list[str]:
@@ -330,7 +346,9 @@ def flow_fn():
 
     log = get_run_logger()
     try:
-        spec, skipped = resolve_spec(repo_root(), load_params(repo_root() / "params.yaml"))
+        params = load_params(repo_root() / "params.yaml")
+        spec, skipped = resolve_spec(repo_root(), params)
+        check_inputs_before_running(repo_root(), spec, params.evaluate)
     except UserError as e:
         log.error(f"{type(e).__name__}: {e}")
         return Failed(message=f"{e}", data=e)

@@ -171,12 +171,13 @@ def test_model_dir_without_manifest_or_weights_fails_with_one_line(project):
     set_params(project, {"evaluate": TINY_EVAL})
     r = run_flows(project, "evaluate")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == f"error: {teacher} has no manifest.json"
+    assert r.stderr.strip().splitlines()[-1] == f"error: {teacher} is not a complete model directory: missing manifest.json"
     write_zero_model(teacher, weights=False)
     r = run_flows(project, "evaluate")
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == f"error: {teacher} is not a saved model: missing model.pt"
+    assert r.stderr.strip().splitlines()[-1] == f"error: {teacher} is not a complete model directory: missing model.pt"
     assert not (project / "data" / "evaluate" / "metrics.json").exists()
+    assert not (project / "mlflow.db").exists(), "a bad input must stop the stage before its MLflow run opens"
 
 
 def test_declared_model_missing_and_too_many_samples_are_clear_errors(project):
