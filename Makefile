@@ -18,6 +18,9 @@ demo: setup  ## run the whole pipeline on the default data (dvc repro), then sho
 test: setup  ## run the test suite
 	python -m pytest $(PYTEST_ARGS)
 
+ui: setup  ## Prefect UI + MLflow UI (127.0.0.1) and the pipeline deployments; prints the URLs, Ctrl-C stops all
+	@scripts/ui.sh
+
 stop:  ## stop the project-local Prefect server started by stage runs
 	python -m flows server stop
 

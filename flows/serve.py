@@ -48,5 +48,5 @@ def serve_command() -> int:
     ui = api.removesuffix("/api") if api.startswith("http") else api
     print(f"serving deployments {', '.join('pipeline/' + d.name for d in deployments)} (Prefect UI {ui}); "
           "Ctrl-C stops", file=sys.stderr, flush=True)
-    serve(*deployments, print_starting_message=False)
+    serve(*deployments, print_starting_message=False, pause_on_shutdown=False)
     return 0

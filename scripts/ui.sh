@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# `make ui`: a Prefect server, an MLflow server (sqlite backend, artifacts in the repo) and the pipeline
+# deployments (`python -m flows serve`), all on 127.0.0.1. Prints the URLs; Ctrl-C stops all three.
+# Ports: PREFECT_PORT (default 4200), MLFLOW_PORT (default 5000). Logs: .prefect/ui-*.log
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+PY="$ROOT/.venv/bin/python"
+PREFECT_PORT="${PREFECT_PORT:-4200}"
+MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+LOGS="$ROOT/.prefect"
+mkdir -p "$LOGS" "$ROOT/mlartifacts"
+export DVC_NO_ANALYTICS=true PREFECT_HOME="$LOGS" PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PATH="$ROOT/.venv/bin:$PATH"
+
+pids=()
+stop() {  # the serve process first (it talks to the Prefect server while stopping), then the servers
+  trap - INT TERM EXIT
+  echo; echo "stopping..."
+  for ((i=${#pids[@]}-1; i>=0; i--)); do
+    pid=${pids[i]}
+    kill -TERM -- "-$pid" 2>/dev/null || true
+    for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$pid" 2>/dev/null || true
+  done
+  wait 2>/dev/null || true
+  echo "stopped"
+}
+trap stop EXIT
+trap "stop; exit 130" INT TERM
+
+port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for port in "$PREFECT_PORT" "$MLFLOW_PORT"; do
+  port_free "$port" || { echo "error: port $port on 127.0.0.1 is in use (set PREFECT_PORT / MLFLOW_PORT)" >&2; exit 2; }
+done
+
+wait_for() {  # url name pid
+  for _ in $(seq 1 240); do
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    kill -0 "$3" 2>/dev/null || { echo "error: the $2 server exited; see $LOGS/ui-$2.log" >&2; exit 1; }
+    sleep 0.5
+  done
+  echo "error: the $2 server did not answer at $1 within 120 s; see $LOGS/ui-$2.log" >&2; exit 1
+}
+
+setsid "$PY" -m prefect server start --host 127.0.0.1 --port "$PREFECT_PORT" >"$LOGS/ui-prefect.log" 2>&1 &
+pids+=($!); prefect_pid=$!
+setsid "$PY" -m mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" \
+  --backend-store-uri "sqlite:///$ROOT/mlflow.db" --artifacts-destination "$ROOT/mlartifacts" \
+  >"$LOGS/ui-mlflow.log" 2>&1 &
+pids+=($!); mlflow_pid=$!
+wait_for "http://127.0.0.1:$PREFECT_PORT/api/health" prefect "$prefect_pid"
+wait_for "http://127.0.0.1:$MLFLOW_PORT/health" mlflow "$mlflow_pid"
+
+export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
+export MLFLOW_TRACKING_URI="http://127.0.0.1:$MLFLOW_PORT"
+setsid "$PY" -m flows serve &
+pids+=($!)
+cat <<MSG
+Prefect UI   http://127.0.0.1:$PREFECT_PORT   (Deployments -> pipeline/all -> Run -> Custom run)
+MLflow UI    http://127.0.0.1:$MLFLOW_PORT   (experiment diffusion-distill; Models for the registry)
+Use the same servers from another shell:
+  export PREFECT_API_URL=$PREFECT_API_URL MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI
+Ctrl-C stops everything.
+MSG
+wait -n "${pids[@]}" || true
+echo "a server exited (logs in $LOGS/ui-*.log)" >&2
