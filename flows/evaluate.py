@@ -213,6 +213,40 @@ def with_inception_fid(score_fn, real: torch.Tensor, weights: Path, allow_missin
     return score
 
 
+def evaluate_model(name: str, model: LoadedModel, p: EvaluateParams, n: int, make_score_fn,
+                   reference: torch.Tensor, inception: Optional[Path], report: Path):
+    """One model: NFE sweep on fixed noise, flow-frame straightness, and its sample plots.
+
+    `make_score_fn(cond)` builds the protocol's score function for samples generated for labels `cond`.
+    Returns ({"nfe": {...}}, straightness, {caption: png path}).
+    """
+    noise, cond = fixed_noise_and_labels(model, n, p.seed)
+    samples_by_nfe: dict[int, torch.Tensor] = {}
+
+    def generate(nfe: int, noise: torch.Tensor, cond: Optional[torch.Tensor]):
+        # A fresh generator per point: stochastic samplers draw the same noise on every rerun.
+        result = model.sample(noise, nfe=nfe, cond=cond, generator=torch.Generator().manual_seed(p.seed + 1))
+        samples_by_nfe[nfe] = result.x
+        return result.x, result.nfe
+
+    score_fn = make_score_fn(cond)
+    if inception is not None:
+        score_fn = with_inception_fid(score_fn, reference, inception, p.allow_missing_inception)
+    entry = {"nfe": nfe_sweep(generate, p.nfe, noise, cond, score_fn)}
+
+    states, flow_times = flow_frame_trajectory(model, noise, cond, p.straightness_steps)
+    images: dict[str, Path] = {}
+    if noise.ndim == 4:  # images [N, C, H, W]
+        for nfe, x in samples_by_nfe.items():
+            images[f"{name} samples, NFE {nfe}"] = image_grid(x[:p.image_grid_size],
+                                                               report / f"samples_{name}_nfe{nfe}.png")
+    else:
+        images[f"{name} samples"] = scatter_grid({name: samples_by_nfe}, reference, report / f"scatter_{name}.png")
+        images[f"{name} ODE paths (flow frame)"] = trajectory_plot(states, report / f"trajectories_{name}.png",
+                                                                   n_paths=16, real=reference)
+    return entry, straightness(states, flow_times), images
+
+
 def evaluate_models(ctx: StageContext, skipped: tuple[str, ...] = ()) -> dict:
     p = ctx.params.evaluate
     shards = ctx.path("data/shards")
@@ -245,34 +279,14 @@ def evaluate_models(ctx: StageContext, skipped: tuple[str, ...] = ()) -> dict:
 
     results: dict[str, Any] = {}
     straightness_by_model: dict[str, float] = {}
+    if classifier is not None:
+        make_score_fn = functools.partial(make_image_score_fn, classifier, reference, floor)
+    else:
+        make_score_fn = lambda cond: make_2d_score_fn(reference, floor)  # noqa: E731  (no labels in 2-D scores)
     for name, model in models.items():
-        noise, cond = fixed_noise_and_labels(model, n, p.seed)
-        samples_by_nfe: dict[int, torch.Tensor] = {}
-
-        def generate(nfe: int, noise: torch.Tensor, cond: Optional[torch.Tensor], model=model, keep=samples_by_nfe):
-            # A fresh generator per point: stochastic samplers draw the same noise on every rerun.
-            result = model.sample(noise, nfe=nfe, cond=cond, generator=torch.Generator().manual_seed(p.seed + 1))
-            keep[nfe] = result.x
-            return result.x, result.nfe
-
-        if classifier is not None:
-            score_fn = make_image_score_fn(classifier, reference, floor, cond=cond)
-            if inception is not None:
-                score_fn = with_inception_fid(score_fn, reference, inception, p.allow_missing_inception)
-        else:
-            score_fn = make_2d_score_fn(reference, floor)
-        results[name] = {"nfe": nfe_sweep(generate, p.nfe, noise, cond, score_fn)}
-
-        states, flow_times = flow_frame_trajectory(model, noise, cond, p.straightness_steps)
-        straightness_by_model[name] = straightness(states, flow_times)
-        if kind == "image":
-            for nfe, x in samples_by_nfe.items():
-                images[f"{name} samples, NFE {nfe}"] = image_grid(x[:p.image_grid_size],
-                                                                   report / f"samples_{name}_nfe{nfe}.png")
-        else:
-            images[f"{name} samples"] = scatter_grid({name: samples_by_nfe}, reference, report / f"scatter_{name}.png")
-            images[f"{name} ODE paths (flow frame)"] = trajectory_plot(states, report / f"trajectories_{name}.png",
-                                                                       n_paths=16, real=reference)
+        results[name], straightness_by_model[name], model_images = evaluate_model(
+            name, model, p, n, make_score_fn, reference, inception, report)
+        images.update(model_images)
 
     for metric in PLOT_METRICS[kind]:
         if any(metric in entry for r in results.values() for entry in r["nfe"].values()):

@@ -143,6 +143,20 @@ def test_evaluate_writes_valid_metrics_report_and_mlflow_run_and_reruns_identica
     assert run.data.metrics["models.teacher.nfe.4.sw2"] == pytest.approx(teacher["4"]["sw2"])
     assert "report/report.html" in {a.path for a in client.list_artifacts(run.info.run_id, "report")}
 
+    # The Prefect flow run carries the models x NFE table as an artifact.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as prefect_client:  # newest first: this test's run (tests run in sequence)
+        artifacts = prefect_client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluate-quality"])),
+            sort=ArtifactSort.CREATED_DESC, limit=1)
+    assert artifacts and artifacts[0].type == "table"
+    table = artifacts[0].data if isinstance(artifacts[0].data, list) else json.loads(artifacts[0].data)
+    assert [row["nfe"] for row in table] == [1, 2, 4]
+    assert table[2]["sw2"] == pytest.approx(teacher["4"]["sw2"], rel=1e-5)
+
     # Same inputs, same numbers (timings aside).
     r = run_flows(project, "evaluate")
     assert r.returncode == 0, r.stderr[-3000:]
