@@ -38,11 +38,12 @@ def train_teacher(ctx: StageContext) -> dict:
     started = time.time()
     try:
         if p.processes == 1:
-            result = train_denoiser(spec, objective, shards, train, checkpoint_dir, export, log_fn=ctx.log_metrics,
-                                    torch_threads=p.torch_threads)
+            result, resumed_from = train_denoiser(spec, objective, shards, train, checkpoint_dir, export,
+                                                  log_fn=ctx.log_metrics, torch_threads=p.torch_threads)
             steps, final_loss = result.steps, result.final_loss
         else:
-            steps, final_loss = _train_multiprocess(ctx, spec, objective, shards, train, checkpoint_dir, export)
+            steps, final_loss, resumed_from = _train_multiprocess(ctx, spec, objective, shards, train,
+                                                                  checkpoint_dir, export)
     except (CheckpointMismatchError, NonFiniteLossError) as e:
         raise UserError(str(e)) from None
     train_seconds = time.time() - started
@@ -52,10 +53,11 @@ def train_teacher(ctx: StageContext) -> dict:
     ctx.run.log_artifact(plot)
     ctx.manifest.update({"model": spec, "objective": objective, "checkpoint_dir": str(checkpoint_dir.relative_to(ctx.repo))})
     return {"steps": steps, "final_loss": final_loss, "train_seconds": round(train_seconds, 2),
-            "steps_per_sec": round(steps / max(train_seconds, 1e-9), 2), "processes": p.processes}
+            "steps_per_sec": round((steps - resumed_from) / max(train_seconds, 1e-9), 2), "processes": p.processes,
+            "resumed_from_step": resumed_from}
 
 
-def _train_multiprocess(ctx, spec, objective, shards, train, checkpoint_dir, export) -> tuple[int, float]:
+def _train_multiprocess(ctx, spec, objective, shards, train, checkpoint_dir, export) -> tuple[int, float, int]:
     job_file, result_file = ctx.out_dir / "job.json", ctx.out_dir / "train_result.json"
     job = {"spec": spec, "objective": objective, "shards": str(shards), "train": train,
            "checkpoint_dir": str(checkpoint_dir), "export": str(export), "result": str(result_file),
@@ -67,7 +69,7 @@ def _train_multiprocess(ctx, spec, objective, shards, train, checkpoint_dir, exp
     result = json.loads(result_file.read_text())
     job_file.unlink()
     result_file.unlink()
-    return result["steps"], result["final_loss"]
+    return result["steps"], result["final_loss"], result["resumed_from"]
 
 
 def _plot_samples(ctx, shards, manifest, n: int, seed: int):

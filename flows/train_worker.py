@@ -20,12 +20,13 @@ def main(job_path: str) -> int:
         from components.tracking.metrics import run_metrics_logger
 
         log_fn = run_metrics_logger(job["tracking_uri"], job["run_id"])
-    result = train_denoiser(job["spec"], job["objective"], job["shards"], job["train"], job["checkpoint_dir"],
+    result, resumed_from = train_denoiser(job["spec"], job["objective"], job["shards"], job["train"], job["checkpoint_dir"],
                             job["export"], log_fn=log_fn, progress=rank == 0,
                             torch_threads=job.get("torch_threads", 0))
     if rank == 0:
         with open(job["result"], "w") as f:
-            json.dump({"steps": result.steps, "final_loss": result.final_loss, "history": result.history}, f)
+            json.dump({"steps": result.steps, "final_loss": result.final_loss, "history": result.history,
+                       "resumed_from": resumed_from}, f)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -100,9 +101,11 @@ def set_torch_threads(spec: dict[str, Any], requested: int = 0) -> int:
 def train_denoiser(spec: dict[str, Any], objective: dict[str, Any], shard_dir: Path | str, train: dict[str, Any],
                    checkpoint_dir: Path | str, export_path: Path | str,
                    log_fn: Optional[Callable[[dict, int], None]] = None, progress: bool = True,
-                   torch_threads: int = 0) -> TrainResult:
+                   torch_threads: int = 0) -> tuple[TrainResult, int]:
     """Train a fresh denoiser from `spec` with `objective` on the shards; resume from `checkpoint_dir`; export the
-    EMA weights (rank 0) to `export_path`. Called identically on every rank of a multi-process launch."""
+    EMA weights (rank 0) to `export_path`. Called identically on every rank of a multi-process launch.
+
+    Returns the Trainer's result and the step it resumed from (0 for a fresh start)."""
     set_torch_threads(spec, torch_threads)
     denoiser = build_denoiser(spec)
     loss_fn = make_objective(objective["name"], **objective["kwargs"])
@@ -113,6 +116,10 @@ def train_denoiser(spec: dict[str, Any], objective: dict[str, Any], shard_dir: P
                          seed=config.seed, drop_last=True)
     trainer = Trainer(denoiser, loss_fn, config, checkpoint_dir, log_fn=log_fn,
                       fingerprint={"spec": spec, "objective": objective})
+    found = trainer.latest_checkpoint()
+    resumed_from = int(found[1]["step"]) if found else 0
+    if resumed_from and trainer.rank == 0:
+        print(f"resuming from step {resumed_from} (checkpoint in {checkpoint_dir})", file=sys.stderr)
     result = trainer.fit(infinite_batches(loader))
     trainer.export(export_path)
-    return result
+    return result, resumed_from

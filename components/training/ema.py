@@ -6,8 +6,18 @@ import torch
 from torch import nn
 
 
+def warmup_decay(decay: float, step: int) -> float:
+    """Effective decay at optimizer step ``step`` (1-based): ``min(decay, (1 + step) / (10 + step))``.
+
+    Without the warmup a 0.999 EMA still mostly holds the initial weights after a few hundred steps (its
+    half-life is ~700 steps), so short runs would export an untrained model.
+    """
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
 class EMA:
-    """Shadow copy ``ema = decay * ema + (1 - decay) * param`` of every floating-point parameter.
+    """Shadow copy ``ema = d * ema + (1 - d) * param`` of every floating-point parameter, with
+    ``d = warmup_decay(decay, step)``.
 
     Buffers (e.g. normalisation statistics) are copied, not averaged. The shadow lives in float32 on the
     model's device, is never part of autograd, and is keyed exactly like ``model.state_dict()`` so that
@@ -43,13 +53,15 @@ class EMA:
         return self._cache[1], self._cache[2], self._cache[3]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        """Move the shadow one step towards ``model``'s current weights."""
+    def update(self, model: nn.Module, step: int | None = None) -> None:
+        """Move the shadow one step towards ``model``'s current weights. ``step`` (the optimizer step just
+        taken, restored on resume) drives the warmup; by default the number of updates so far is used."""
         shadows, params, buffer_names = self._pairs_for(model)
+        decay = warmup_decay(self.decay, self.num_updates + 1 if step is None else step)
         if shadows:
             live = [p.detach() if p.dtype == s.dtype else p.detach().to(s.dtype) for s, p in zip(shadows, params)]
             # One fused kernel over all tensors: shadow += (1 - decay) * (param - shadow).
-            torch._foreach_lerp_(shadows, live, 1.0 - self.decay)
+            torch._foreach_lerp_(shadows, live, 1.0 - decay)
         if buffer_names:
             # Buffers may be replaced as objects (e.g. by .to()), so look them up each time.
             buffers = dict(model.named_buffers())

@@ -436,7 +436,7 @@ class Trainer:
                 self.step += 1
                 window_steps += 1
                 self.last_loss = loss_value
-                self.ema.update(self.engine.module)
+                self.ema.update(self.engine.module, self.step)
                 progress.update(1)
 
                 if self.step % self.config.log_every == 0 or self.step == self.config.steps:

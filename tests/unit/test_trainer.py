@@ -85,8 +85,9 @@ def test_ema_follows_formula_and_differs_from_raw_weights(tmp_path: Path) -> Non
     trainer.fit(_stream(8))
     weights_after_each_step = seen[1:] + [_flat(trainer.model)]
     expected = seen[0]
-    for weights in weights_after_each_step:
-        expected = decay * expected + (1 - decay) * weights
+    for step, weights in enumerate(weights_after_each_step, start=1):
+        d = min(decay, (1 + step) / (10 + step))  # warmup: 0.18, 0.25, ... then capped at decay
+        expected = d * expected + (1 - d) * weights
     ema = _flat(trainer.ema_state_dict())
     torch.testing.assert_close(ema, expected, rtol=1e-6, atol=1e-7)
     assert not torch.allclose(ema, _flat(trainer.model), atol=1e-4)
