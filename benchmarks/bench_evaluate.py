@@ -1,6 +1,6 @@
 """Wall time of the evaluate stage on the default data (checkerboard) with a trained teacher.
 
-    python benchmarks/bench_evaluate.py [--teacher-steps 3000] [--teacher-dir models/teacher] [--repeats 2]
+    python benchmarks/bench_evaluate.py [--teacher-steps N] [--teacher-dir DIR | --save-teacher DIR] [--repeats 2]
 
 Builds a temp copy of the project, runs shard -> teacher -> featurizer through `python -m flows` (the teacher is
 trained with the default params unless --teacher-steps or an existing --teacher-dir is given), then times
@@ -58,6 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher-steps", type=int, default=None, help="override teacher.steps (default: params.yaml)")
     ap.add_argument("--teacher-dir", type=Path, default=None, help="use this trained model dir instead of training")
+    ap.add_argument("--save-teacher", type=Path, default=None, help="copy the trained teacher dir here (reuse it later)")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     result: dict = {"threads": os.cpu_count()}
@@ -76,6 +77,8 @@ def main() -> None:
             else:
                 result["teacher_seconds"] = run_stage(project, "teacher")
                 result["teacher"] = f"trained here, steps={args.teacher_steps or 'params.yaml default'}"
+            if args.save_teacher:
+                shutil.copytree(project / "models" / "teacher", args.save_teacher, dirs_exist_ok=True)
             result["featurizer_seconds"] = run_stage(project, "featurizer")
             runs = []
             for _ in range(args.repeats):

@@ -43,6 +43,7 @@ from components.evaluation import (MissingDependencyError, disjoint_subsets, flo
 from components.io import read_json
 from components.models.store import SPEC_FILE, WEIGHTS_FILE, LoadedModel, load_denoiser
 from components.tracking.lineage import MANIFEST
+from components.training.denoiser_training import set_torch_threads
 from flows.runtime import repo_root
 from flows.stage import StageContext, StageSpec, read_manifest, run_stage_in_flow
 
@@ -257,6 +258,8 @@ def evaluate_models(ctx: StageContext, skipped: tuple[str, ...] = ()) -> dict:
         raise DataError(f"no model to evaluate: none of {', '.join(f'models/{m}' for m in p.models)} exists "
                         "(run the model stages first, e.g. `dvc repro teacher`)")
     models = {name: load_model(ctx.path(f"models/{name}"), data_manifest["shape"]) for name in names}
+    # One thread for MLPs: on 2 busy cores, 2 threads made 2-D sampling 5x slower (thread sync dominates).
+    set_torch_threads(models[names[0]].spec)
     val_x, _ = read_split(shards, "val")
     n = resolve_n_samples(p.n_samples, len(val_x))
     reference, floor_set = disjoint_subsets(torch.from_numpy(val_x), n)
