@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import re
 import subprocess
@@ -57,7 +58,14 @@ class StageFailed(UserError):
 
 def dvc_stages(root: Path) -> tuple[list[str], dict[str, set[str]], dict[str, list[str]]]:
     """All stages of dvc.yaml in a dependency order (ties broken by name), each stage's direct upstream
-    stages, and each stage's output paths, all from DVC's own stage graph."""
+    stages, and each stage's output paths, all from DVC's own stage graph (read once per dvc.yaml version)."""
+    dvc_yaml = Path(root) / "dvc.yaml"
+    stamp = dvc_yaml.stat().st_mtime_ns if dvc_yaml.exists() else 0
+    return _read_dvc_stages(str(Path(root).resolve()), stamp)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_dvc_stages(root: str, dvc_yaml_mtime_ns: int):  # the mtime is only part of the cache key
     import networkx as nx
     from dvc.repo import Repo
 

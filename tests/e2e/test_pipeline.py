@@ -215,14 +215,23 @@ def test_served_deployment_run_with_override(project, prefect_api):
 
 
 def test_two_pipeline_runs_at_once_do_not_corrupt_anything(project):
-    procs = [subprocess.Popen([sys.executable, "-m", "flows", "pipeline", "shard", "--force"], cwd=project,
-                              env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for _ in range(2)]
+    """Two overrides at once: the runs are serialised (the second waits), and afterwards params.yaml, dvc.lock,
+    the output's manifest and the two saved DVC experiments all agree with the run that finished last."""
+    seeds = (11, 12)
+    procs = [subprocess.Popen([sys.executable, "-m", "flows", "pipeline", "shard", "--set", f"shard.seed={seed}",
+                               "--name", f"seed-{seed}"], cwd=project, env=project_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for seed in seeds]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
-    assert sum("waiting for it to finish" in o for o in outputs) >= 1  # the second waited for the first
+    waited = [i for i, o in enumerate(outputs) if "waiting for it to finish" in o]
+    assert len(waited) == 1, "exactly one run should have waited for the other"
     assert all(re.search(r"^shard\s+Ran\s", o, re.M) for o in outputs)
+    last_seed = seeds[waited[0]]
+    assert yaml.safe_load((project / "params.yaml").read_text())["shard"]["seed"] == last_seed
+    assert locked_params(project, "shard")["params.yaml"]["shard"]["seed"] == last_seed
+    manifest = json.loads((project / "data/shards/manifest.json").read_text())
+    assert manifest["lineage"]["params"]["shard"]["seed"] == last_seed
     r = run_dvc(project, "status", "shard")
     assert r.returncode == 0 and "up to date" in r.stdout
-    manifest = json.loads((project / "data/shards/manifest.json").read_text())
-    assert manifest["lineage"]["stage"] == "shard"
+    exps = run_dvc(project, "exp", "list", "--name-only").stdout.split()
+    assert {"seed-11", "seed-12"} <= set(exps)
