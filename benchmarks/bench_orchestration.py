@@ -92,6 +92,8 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "flows", "server", "stop"], cwd=root, env=env(),
                            capture_output=True)
     result["goals"] = {"noop_dvc_repro_s": 5.0, "overhead_s": 10.0}
+    result["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)  # shared machines: context for the numbers
+    result["cpu_count"] = os.cpu_count()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "orchestration.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -1,5 +1,6 @@
 """The whole DAG as one Prefect flow: one task per DVC stage, in DVC's order, each running
-`dvc --wait-for-lock repro --single-item <stage>` so that DVC alone decides what is stale.
+`dvc --wait-for-lock repro --single-item <stage>` so that DVC alone decides what is stale (a stage that
+`dvc status` reports up to date is skipped without starting a dvc process: same check, ~1 s less per stage).
 
 - The stage list and order come from DVC's own graph of dvc.yaml (nothing is listed twice).
 - A stage DVC did not run finishes as a Completed state named "Skipped" (deps unchanged) or "Cached" (restored
@@ -192,12 +193,33 @@ def stage_run_id(root: Path, outputs: list[str]) -> Optional[str]:
     return None
 
 
+def dvc_reports_up_to_date(root: Path, stage: str) -> bool:
+    """DVC's own `status` of one stage, asked in-process (~0.1 s instead of ~1 s for a `dvc` process).
+
+    The same check `dvc repro` makes (stage definition, deps and params vs dvc.lock, outputs present), asked
+    after the upstream stages of this run finished, so their new outputs count. Any problem (e.g. the repo lock
+    held by another dvc process) answers False and the stage goes to `dvc repro`, which waits and decides.
+    """
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            return not repo.status(targets=[stage])
+    except Exception:  # noqa: BLE001 - any doubt: let `dvc repro` decide
+        return False
+
+
 @task(name="dvc-repro", task_run_name="{stage}", cache_policy=NO_CACHE)
 def reproduce_stage(stage: str, root: str, force: bool = False):
     """`dvc repro --single-item <stage>`: DVC decides whether it is stale. Returns a Completed state named
     Ran / Skipped / Cached (shown in the UI); raises StageFailed naming the stage on failure."""
     logger = get_run_logger()
     started = time.perf_counter()
+    if not force and dvc_reports_up_to_date(Path(root), stage):
+        seconds = round(time.perf_counter() - started, 2)
+        logger.info(f"Stage '{stage}' didn't change, skipping (dvc status: up to date)")
+        return Completed(message=f"{stage}: skipped in {seconds} s", name=SKIPPED,
+                         data={"stage": stage, "outcome": SKIPPED, "seconds": seconds})
     code, lines = run_dvc(Path(root), ["repro", "--single-item", stage, *(["--force"] if force else [])],
                           log=logger.info)
     seconds = round(time.perf_counter() - started, 2)
