@@ -122,6 +122,44 @@ class TeacherParams(TrainParams):
     plot_samples: int = Field(2000, ge=1)
 
 
+class RewardParams(Section):
+    """The reward of preference pairs (components/preferences/rewards.py)."""
+
+    kind: Literal["region", "function", "classifier", "bradley_terry"] = "region"
+    squares: list[Annotated[int, Field(ge=0, le=7)]] = Field(default_factory=lambda: [0, 1])  # region: checkerboard squares
+    boxes: list[list[float]] = Field(default_factory=list)  # region: [xmin, ymin, xmax, ymax] boxes (any 2-D data)
+    function: Optional[str] = None  # function: "module:function", f(x [N, ...], cond [N] | None) -> [N]
+    target_class: Optional[int] = Field(None, ge=0)  # classifier: class to prefer (null: each sample's condition)
+
+
+class PreferencesParams(Section):
+    """The preferences stage: K samples per group from the reference model, scored, paired by rank."""
+
+    model: str = Field("teacher", pattern=r"^[a-z][a-z0-9_]*$")  # models/<model> generates the pairs
+    reward: RewardParams = RewardParams()
+    groups: int = Field(8, ge=1)  # condition groups (class labels cycle for conditional models)
+    k: int = Field(256, ge=2)  # samples per group
+    min_margin: float = Field(0.05, ge=0.0)  # minimum score difference of a kept pair
+    nfe: Optional[int] = Field(None, ge=1)  # sampling budget; null: the model's default sampler
+    pairs_file: Optional[str] = None  # a labelled JSONL file of pairs instead of sampling + scoring
+    reward_model_steps: int = Field(300, ge=1)  # Bradley-Terry reward model fitted on a labelled file
+    seed: int = 0
+
+
+class DPOParams(TrainParams):
+    """The dpo stage: Diffusion-DPO fine-tuning of a copy of the reference against the frozen reference."""
+
+    beta: float = Field(1000.0, gt=0.0)  # effective beta (diffusers convention: 0.5 x the original code's)
+    holdout_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # pairs kept out of training (implicit accuracy)
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-4, gt=0.0)
+    warmup_steps: int = Field(20, ge=0)
+    ema_decay: float = Field(0.95, ge=0.0, lt=1.0)
+    checkpoint_every: int = Field(100, ge=0)
+    log_every: int = Field(20, ge=1)
+
+
 class FeaturizerParams(Section):
     """The reference classifier of image evaluation (trained on the train split only; skipped for 2-D data)."""
 
@@ -175,6 +213,8 @@ class Params(Section):
 
     featurizer: FeaturizerParams = FeaturizerParams()
     evaluate: EvaluateParams = EvaluateParams()
+    preferences: PreferencesParams = PreferencesParams()
+    dpo: DPOParams = DPOParams()
 
     def section(self, name: str) -> Section:
         return getattr(self, name)
