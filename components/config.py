@@ -122,6 +122,47 @@ class TeacherParams(TrainParams):
     plot_samples: int = Field(2000, ge=1)
 
 
+
+class CouplingsParams(Section):
+    """Teacher ODE couplings (z, x = teacher(z)) for reflow: how many, which solver, how accurate."""
+
+    count: int = Field(20000, ge=1)  # pairs generated
+    batch_size: int = Field(2000, ge=1)  # pairs per solver batch (and per resumable chunk)
+    solver: Literal["heun", "euler", "dpmpp_2m"] = "heun"
+    nfe: int = Field(64, ge=1)  # teacher evaluations per pair (heun: 32 steps for 64)
+    max_error: float = Field(0.01, gt=0.0)  # warn above this relative RMS error vs a 4x-NFE solve
+    error_samples: int = Field(256, ge=1)  # pairs re-solved at 4x NFE to measure the error
+    samples_per_shard: int = Field(5000, ge=1)
+    samples_per_record: int = Field(256, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _count_fits(self) -> "CouplingsParams":
+        if self.count < self.batch_size:
+            raise ValueError(f"count {self.count} is smaller than batch_size {self.batch_size}")
+        return self
+
+
+class ReflowParams(TrainParams):
+    """Rectified-flow training on the couplings (the one Trainer), initialised from the teacher."""
+
+    steps: int = Field(800, ge=1)
+    batch_size: int = Field(512, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    warmup_steps: int = Field(50, ge=0)
+    checkpoint_every: int = Field(200, ge=0)
+    rounds: int = Field(1, ge=1)  # k-rectified flow: rounds > 1 regenerate couplings from the last student
+    distill_one_step: bool = False  # then distil the reflowed model into one Euler step (distill_steps)
+    distill_steps: int = Field(400, ge=1)
+    p_uncond: float = Field(0.1, ge=0.0, le=1.0)  # label dropout for a conditional teacher
+    sampler_steps: int = Field(2, ge=1)  # default Euler steps in models/reflow/model.json
+
+    @model_validator(mode="after")
+    def _one_process(self) -> "ReflowParams":
+        if self.processes != 1:
+            raise ValueError(f"processes {self.processes}: reflow trains in one process (couplings fit in memory)")
+        return self
+
 class RewardParams(Section):
     """The reward of preference pairs (components/preferences/rewards.py)."""
 
@@ -210,6 +251,8 @@ class Params(Section):
     shard: ShardParams = ShardParams()
     model: ModelParams = ModelParams()
     teacher: TeacherParams = TeacherParams()
+    couplings: CouplingsParams = CouplingsParams()
+    reflow: ReflowParams = ReflowParams()
 
     featurizer: FeaturizerParams = FeaturizerParams()
     evaluate: EvaluateParams = EvaluateParams()
