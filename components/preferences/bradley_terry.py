@@ -1,0 +1,109 @@
+"""A Bradley-Terry reward model learned from labelled (winner, loser) pairs (monograph 8.5.2):
+
+    L_RM = -E log sigmoid(r(x_w) - r(x_l)).
+
+Only score differences are identified (r is shift-invariant). The model is a small MLP on the flattened sample,
+trained with the project's one Trainer; saved as reward_model.pt + reward_model.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from components.errors import DataError
+
+WEIGHTS = "reward_model.pt"
+CONFIG = "reward_model.json"
+
+
+class BradleyTerryReward(nn.Module):
+    """r(x) = MLP(flatten(x)) -> scalar per sample."""
+
+    def __init__(self, data_shape: list[int], width: int = 64, depth: int = 2) -> None:
+        super().__init__()
+        if width < 1 or depth < 1:
+            raise ValueError(f"width and depth must be >= 1, got width={width}, depth={depth}")
+        self.data_shape = list(data_shape)
+        self.width, self.depth = width, depth
+        dim = math.prod(data_shape)
+        layers: list[nn.Module] = []
+        for i in range(depth):
+            layers += [nn.Linear(dim if i == 0 else width, width), nn.SiLU()]
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x.flatten(1)).squeeze(1)
+
+    @torch.no_grad()
+    def reward(self, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        """The reward-function interface (cond is ignored: the model is unconditional)."""
+        self.eval()
+        return torch.cat([self(chunk.float()) for chunk in x.split(4096)])
+
+
+def bradley_terry_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+    """Trainer loss_fn: -log sigmoid(r(x_w) - r(x_l)); batch {"x": winners, "x_loser": losers}."""
+    margin = model(batch["x"]) - model(batch["x_loser"])
+    loss = F.softplus(-margin).mean()
+    return loss, {"pair_accuracy": float((margin > 0).float().mean())}
+
+
+def pair_batches(x_w: Tensor, x_l: Tensor, batch_size: int, seed: int,
+                 cond: Optional[Tensor] = None) -> Iterator[dict[str, Tensor]]:
+    """Endless shuffled minibatches of pairs {"x": winners, "x_loser": losers, "y": labels or None}."""
+    if len(x_w) < batch_size:
+        raise DataError(f"{len(x_w)} pairs are fewer than one batch of {batch_size}; lower the batch size")
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(len(x_w), generator=gen)
+        for start in range(0, len(perm) - batch_size + 1, batch_size):
+            idx = perm[start:start + batch_size]
+            yield {"x": x_w[idx], "x_loser": x_l[idx], "y": None if cond is None else cond[idx]}
+
+
+def train_reward_model(x_w: Tensor, x_l: Tensor, checkpoint_dir: Path | str, *, steps: int = 300,
+                       batch_size: int = 128, lr: float = 3e-3, width: int = 64, depth: int = 2,
+                       seed: int = 0, progress: bool = False) -> BradleyTerryReward:
+    """Fit a Bradley-Terry reward model on (winner, loser) pairs with the one Trainer; returns its EMA weights."""
+    from components.training.trainer import Trainer, TrainConfig
+
+    if x_w.shape != x_l.shape or len(x_w) == 0:
+        raise DataError(f"winners {tuple(x_w.shape)} and losers {tuple(x_l.shape)} must be non-empty and alike")
+    torch.manual_seed(seed)
+    model = BradleyTerryReward(list(x_w.shape[1:]), width, depth)
+    batch_size = min(batch_size, len(x_w))
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=0, ema_decay=0.9, seed=seed,
+                         log_every=max(1, steps), progress_bar=progress)
+    trainer = Trainer(model, bradley_terry_loss, config, checkpoint_dir,
+                      fingerprint={"reward_model": {"width": width, "depth": depth, "pairs": len(x_w)}})
+    trainer.fit(pair_batches(x_w, x_l, batch_size, seed))
+    trained = BradleyTerryReward(list(x_w.shape[1:]), width, depth)
+    trained.load_state_dict(trainer.ema_state_dict())
+    return trained.eval()
+
+
+def save_reward_model(model: BradleyTerryReward, directory: Path | str) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), directory / WEIGHTS)
+    (directory / CONFIG).write_text(json.dumps({"data_shape": model.data_shape, "width": model.width,
+                                                "depth": model.depth}, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def load_reward_model(directory: Path | str) -> BradleyTerryReward:
+    directory = Path(directory)
+    missing = [f for f in (WEIGHTS, CONFIG) if not (directory / f).is_file()]
+    if missing:
+        raise DataError(f"{directory} is not a Bradley-Terry reward model: missing {', '.join(missing)}")
+    config: dict[str, Any] = json.loads((directory / CONFIG).read_text())
+    model = BradleyTerryReward(config["data_shape"], config["width"], config["depth"])
+    model.load_state_dict(torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True))
+    return model.eval()
