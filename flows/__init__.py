@@ -7,6 +7,8 @@ Flows call `components` (never the reverse) and are what `dvc.yaml` runs: `cmd: 
 STAGES: dict[str, str] = {
     "shard": "flows.shard",
     "teacher": "flows.teacher",
+    "couplings": "flows.couplings",
+    "reflow": "flows.reflow",
     "featurizer": "flows.featurizer",
     "evaluate": "flows.evaluate",
 }
