@@ -45,7 +45,9 @@ def edm_denoise(denoiser: Callable[..., Tensor], schedule: Schedule, x_edm: Tens
 
 def consistency_scalings(sigma: Tensor, sigma_data: float, sigma_min: float) -> tuple[Tensor, Tensor]:
     """(c_skip, c_out) of the boundary-shifted parameterisation; exactly (1, 0) at sigma = sigma_min."""
-    c_skip = sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
+    # Written as 1 / (1 + r^2) so that r = 0 gives exactly 1 (torch evaluates scalar / tensor as a reciprocal
+    # times the scalar, which rounds sd^2 / sd^2 to 1 - 1e-16).
+    c_skip = 1.0 / (1.0 + ((sigma - sigma_min) / sigma_data) ** 2)
     c_out = sigma_data * (sigma - sigma_min) / torch.sqrt(sigma**2 + sigma_data**2)
     return c_skip, c_out
 
