@@ -201,6 +201,51 @@ class DPOParams(TrainParams):
     log_every: int = Field(20, ge=1)
 
 
+class ProgressiveParams(TrainParams):
+    """Progressive distillation: rounds teacher_steps -> teacher_steps/2 -> ... -> 1; `steps` etc. are per round."""
+
+    teacher_steps: int = Field(16, ge=2)  # the teacher's DDIM steps (uniform grid); a power of two
+    weighting: Literal["truncated_snr", "snr_plus_one", "constant"] = "truncated_snr"
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    ema_decay: float = Field(0.99, ge=0.0, lt=1.0)
+    checkpoint_every: int = Field(100, ge=0)
+
+    @model_validator(mode="after")
+    def _power_of_two(self) -> "ProgressiveParams":
+        if self.teacher_steps & (self.teacher_steps - 1):
+            raise ValueError(f"teacher_steps must be a power of two to halve down to 1, got {self.teacher_steps}")
+        return self
+
+
+class ConsistencyParams(TrainParams):
+    """Consistency distillation (mode distill, from the teacher) or training (mode train, no teacher)."""
+
+    mode: Literal["distill", "train"] = "distill"
+    n_scales: int = Field(18, ge=2)  # Karras grid points N
+    sigma_min: float = Field(0.002, gt=0.0)
+    sigma_max: float = Field(80.0, gt=0.0)
+    rho: float = Field(7.0, gt=0.0)
+    target: Literal["ema", "stopgrad"] = "ema"
+    target_ema: float = Field(0.95, ge=0.0, lt=1.0)
+    huber_c: Optional[float] = Field(None, gt=0.0)  # None: 0.00054 sqrt(dim)
+    sampler_steps: int = Field(1, ge=1)  # default sampling (evaluate sweeps its own NFE grid)
+    steps: int = Field(800, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(5e-4, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    ema_decay: float = Field(0.99, ge=0.0, lt=1.0)
+    checkpoint_every: int = Field(200, ge=0)
+
+    @model_validator(mode="after")
+    def _range(self) -> "ConsistencyParams":
+        if self.sigma_min >= self.sigma_max:
+            raise ValueError(f"sigma_min must be < sigma_max, got {self.sigma_min} >= {self.sigma_max}")
+        return self
+
+
 class FeaturizerParams(Section):
     """The reference classifier of image evaluation (trained on the train split only; skipped for 2-D data)."""
 
@@ -215,7 +260,7 @@ class EvaluateParams(Section):
 
     # Model stages to evaluate: models/<name>/ each. A listed model whose directory does not exist is skipped
     # with a warning, unless models/<name> is a dep of the evaluate stage in dvc.yaml (then it is an error).
-    models: list[str] = Field(default_factory=lambda: ["teacher", "reflow"], min_length=1)
+    models: list[str] = Field(default_factory=lambda: ["teacher", "reflow", "progressive", "consistency"], min_length=1)
     nfe: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], min_length=1)
     # Generated samples per NFE point (and real samples per floor set). None: min(2000, val count // 2).
     n_samples: Optional[int] = Field(None, ge=10)
@@ -251,6 +296,8 @@ class Params(Section):
     shard: ShardParams = ShardParams()
     model: ModelParams = ModelParams()
     teacher: TeacherParams = TeacherParams()
+    progressive: ProgressiveParams = ProgressiveParams()
+    consistency: ConsistencyParams = ConsistencyParams()
     couplings: CouplingsParams = CouplingsParams()
     reflow: ReflowParams = ReflowParams()
 
