@@ -9,6 +9,8 @@ STAGES: dict[str, str] = {
     "teacher": "flows.teacher",
     "couplings": "flows.couplings",
     "reflow": "flows.reflow",
+    "progressive": "flows.progressive",
+    "consistency": "flows.consistency",
     "featurizer": "flows.featurizer",
     "evaluate": "flows.evaluate",
 }
