@@ -34,7 +34,13 @@ def build_denoiser(spec: dict[str, Any]) -> Denoiser:
     """A fresh (untrained) denoiser from a model.json spec."""
     net = build_model(spec["network"]["kind"], **spec["network"]["kwargs"])
     schedule = make_schedule(spec["schedule"]["name"], **spec["schedule"].get("kwargs", {}))
-    return Denoiser(net, schedule, sigma_data=float(spec["sigma_data"]), prediction=spec["prediction"])
+    denoiser = Denoiser(net, schedule, sigma_data=float(spec["sigma_data"]), prediction=spec["prediction"])
+    if spec.get("consistency"):  # a consistency model: f(x, sigma) in EDM coordinates around the denoiser
+        from components.diffusion.consistency import ConsistencyFunction
+
+        c = spec["consistency"]
+        return ConsistencyFunction(denoiser, sigma_min=float(c["sigma_min"]), sigma_max=float(c["sigma_max"]))
+    return denoiser
 
 
 def save_denoiser(directory: Path | str, state_dict: dict[str, torch.Tensor], spec: dict[str, Any]) -> None:
@@ -66,8 +72,21 @@ class LoadedModel:
 
         With a conditional model and guidance != 1 the guided denoiser is used (2 NFE per call, counted).
         """
+        if self.spec.get("students") and nfe is not None and steps is None:
+            # Progressive distillation keeps one student per step count: use the one trained for the largest
+            # count that fits the budget (its NFE is what SampleResult.nfe reports).
+            return self.student_for(nfe).sample(noise, nfe=nfe, method=method, grid=grid, cond=cond,
+                                                guidance=guidance, return_trajectory=return_trajectory,
+                                                generator=generator)
         defaults = self.spec["sampler"]
         method = method or defaults["method"]
+        if method == "consistency":
+            from components.diffusion.consistency import consistency_sample
+
+            n_steps = steps if steps is not None else (nfe if nfe is not None else defaults["steps"])
+            with torch.no_grad():
+                return consistency_sample(self.denoiser, noise, n_steps, cond=cond, generator=generator,
+                                          return_trajectory=return_trajectory)
         grid_kind = grid or defaults["grid"]
         w = defaults.get("guidance", 1.0) if guidance is None else guidance
         denoiser = self.denoiser
@@ -81,6 +100,13 @@ class LoadedModel:
         with torch.no_grad():
             return sample(denoiser, self.schedule, times, noise, method=method, cond=cond,
                           return_trajectory=return_trajectory, generator=generator)
+
+
+    def student_for(self, nfe: int) -> "LoadedModel":
+        """The kept student (spec["students"]: {"<steps>": "<subdir>"}) with the most steps <= nfe (else the fewest)."""
+        counts = sorted(int(k) for k in self.spec["students"])
+        chosen = max([c for c in counts if c <= nfe], default=counts[0])
+        return load_denoiser(self.directory / self.spec["students"][str(chosen)])
 
 
 def load_denoiser(directory: Path | str) -> LoadedModel:
