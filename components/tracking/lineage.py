@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -152,7 +153,9 @@ class StageRun:
             mlflow.log_params(flat)
         for rec in self.inputs:
             if rec.get("digest"):
-                source = resolve_dataset_source(str((self.repo_root / rec["path"]).resolve()))
+                with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local paths
+                    warnings.simplefilter("ignore", UserWarning)
+                    source = resolve_dataset_source(str((self.repo_root / rec["path"]).resolve()))
                 ds = MetaDataset(source=source, name=rec["path"], digest=str(rec["digest"]))
                 mlflow.log_input(ds, context=rec.get("stage") or "input")
         return self

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import torch
 import torch.distributed as dist
 
 
@@ -27,6 +28,8 @@ def ensure_process_group_env() -> None:
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
         os.environ["MASTER_PORT"] = str(find_free_port())
+    if not torch.cuda.is_available():  # skip DeepSpeed's accelerator probe and its warning on CPU machines
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def world_info() -> tuple[int, int]:
