@@ -60,9 +60,14 @@ class StageFailed(UserError):
 def dvc_stages(root: Path) -> tuple[list[str], dict[str, set[str]], dict[str, list[str]]]:
     """All stages of dvc.yaml in a dependency order (ties broken by name), each stage's direct upstream
     stages, and each stage's output paths, all from DVC's own stage graph (read once per dvc.yaml version)."""
+    from dvc.exceptions import DvcException
+
     dvc_yaml = Path(root) / "dvc.yaml"
     stamp = dvc_yaml.stat().st_mtime_ns if dvc_yaml.exists() else 0
-    return _read_dvc_stages(str(Path(root).resolve()), stamp)
+    try:
+        return _read_dvc_stages(str(Path(root).resolve()), stamp)
+    except DvcException as e:  # e.g. overlapping outputs, a cycle, a bad dvc.yaml: DVC's message, one line
+        raise UserError(f"DVC cannot build the pipeline graph: {' '.join(str(e).split())}") from None
 
 
 @functools.lru_cache(maxsize=4)

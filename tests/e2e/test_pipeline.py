@@ -104,6 +104,17 @@ def test_bad_requests_fail_before_anything_runs(project):
     assert not (project / "dvc.lock").exists() and not (project / "data" / "shards").exists()
     assert (project / "params.yaml").read_text() == params_before
 
+    # valid params, but the stage itself fails: the flow stops naming the stage; the parent run is FAILED
+    r = run_flows(project, "pipeline", "shard", "--set", "data.source=npz", "--set", "data.path=missing.npz")
+    assert r.returncode == 2 and "stage 'shard' failed" in r.stderr, r.stderr[-2000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("diffusion-distill").experiment_id],
+                              filter_string="tags.pipeline = 'true'")
+    assert [run.info.status for run in runs] == ["FAILED"]
+    assert runs[0].data.tags["stage.shard.outcome"] == "Failed"
+
 
 def test_repro_twice_then_one_param_reruns_that_stage_only(project):
     add_probe_stages(project)
