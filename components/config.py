@@ -192,7 +192,7 @@ class DPOParams(TrainParams):
 
     beta: float = Field(1000.0, gt=0.0)  # effective beta (diffusers convention: 0.5 x the original code's)
     holdout_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # pairs kept out of training (implicit accuracy)
-    steps: int = Field(300, ge=1)
+    steps: int = Field(200, ge=1)
     batch_size: int = Field(256, ge=1)
     lr: float = Field(1e-4, gt=0.0)
     warmup_steps: int = Field(20, ge=0)
