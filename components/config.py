@@ -260,7 +260,7 @@ class EvaluateParams(Section):
 
     # Model stages to evaluate: models/<name>/ each. A listed model whose directory does not exist is skipped
     # with a warning, unless models/<name> is a dep of the evaluate stage in dvc.yaml (then it is an error).
-    models: list[str] = Field(default_factory=lambda: ["teacher", "reflow", "progressive", "consistency"], min_length=1)
+    models: list[str] = Field(default_factory=lambda: ["teacher", "reflow", "progressive", "consistency", "dpo"], min_length=1)
     nfe: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], min_length=1)
     # Generated samples per NFE point (and real samples per floor set). None: min(2000, val count // 2).
     n_samples: Optional[int] = Field(None, ge=10)

@@ -11,6 +11,8 @@ STAGES: dict[str, str] = {
     "reflow": "flows.reflow",
     "progressive": "flows.progressive",
     "consistency": "flows.consistency",
+    "preferences": "flows.preferences",
+    "dpo": "flows.dpo",
     "featurizer": "flows.featurizer",
     "evaluate": "flows.evaluate",
 }

@@ -41,6 +41,8 @@ from components.evaluation import (MissingDependencyError, disjoint_subsets, flo
                                    quality_table_rows, quality_vs_nfe, scatter_grid, straightness, trajectory_plot,
                                    validate_metrics_schema, write_html_report, write_quality_tables_per_model)
 from components.io import read_json
+from components.evaluation import extract_features, frechet_distance
+from components.preferences.alignment import alignment_block
 from components.models.store import SPEC_FILE, WEIGHTS_FILE, LoadedModel, load_denoiser
 from components.tracking.lineage import MANIFEST
 from components.training.denoiser_training import set_torch_threads
@@ -260,7 +262,7 @@ def evaluate_models(ctx: StageContext, skipped: tuple[str, ...] = ()) -> dict:
     models = {name: load_model(ctx.path(f"models/{name}"), data_manifest["shape"]) for name in names}
     # One thread for MLPs: on 2 busy cores, 2 threads made 2-D sampling 5x slower (thread sync dominates).
     set_torch_threads(models[names[0]].spec)
-    val_x, _ = read_split(shards, "val")
+    val_x, val_y = read_split(shards, "val")
     n = resolve_n_samples(p.n_samples, len(val_x))
     reference, floor_set = disjoint_subsets(torch.from_numpy(val_x), n)
     report = ctx.out_dir
@@ -308,6 +310,18 @@ def evaluate_models(ctx: StageContext, skipped: tuple[str, ...] = ()) -> dict:
     if "reflow" in straightness_by_model:  # the reflow issue's block: teacher vs rectified student
         metrics["reflow"] = {"straightness": {m: straightness_by_model[m] for m in ("teacher", "reflow")
                                               if m in straightness_by_model}}
+    if "dpo" in models:  # the dpo issue's block: win rate over the reference on held-out seeds, rewards, drift
+        feature_fn = None
+        if classifier is not None:
+            real_features = extract_features(classifier, reference)
+            feature_fn = lambda x: frechet_distance(real_features, extract_features(classifier, x))  # noqa: E731
+        val_labels = torch.from_numpy(val_y) if val_y is not None and kind == "points" else None
+        def load_reference(rel: str) -> LoadedModel:
+            return models.get(rel.removeprefix("models/")) or load_model(ctx.path(rel), data_manifest["shape"])
+
+        metrics["dpo"] = alignment_block(
+            models["dpo"], load_reference, n=n, seed=p.seed, real_x=torch.from_numpy(val_x), real_y=val_labels,
+            classifier_dir=ctx.path("models/featurizer"), feature_fn=feature_fn)
     validate_metrics_schema(metrics)
 
     lineage = lineage_rows(ctx)

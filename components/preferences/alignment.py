@@ -13,6 +13,8 @@ Quality drift (the target is < 1.2x: the reward must not be gained by leaving th
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -23,6 +25,7 @@ from components.objectives.dpo import dpo_terms
 from components.preferences.pairs import PairSet
 
 HELDOUT_SEED_OFFSET = 7919  # evaluation noise stream: torch.Generator seeded with seed + this offset
+DPO_INFO_FILE = "dpo.json"  # in a DPO model dir: beta, reference model dir, reward spec, held-out implicit accuracy
 
 
 def win_rate(reward_tuned: Tensor, reward_reference: Tensor) -> float:
@@ -108,3 +111,26 @@ def heldout_implicit_accuracy(policy, reference, pairs: PairSet, beta: float, ti
         accs.append(dpo_terms(policy, reference, schedule, pairs.x_w, pairs.x_l, t, eps, pairs.cond, beta,
                               target).implicit_accuracy)
     return float(sum(accs) / len(accs))
+
+
+def alignment_block(tuned, load_reference: Callable[[str], object], *, n: int, seed: int, real_x: Tensor,
+                    real_y: Optional[Tensor] = None, classifier_dir: Optional[Path] = None,
+                    feature_fn: Optional[Callable[[Tensor], float]] = None) -> dict:
+    """The whole `dpo` block of metrics.json for a DPO model dir (LoadedModel `tuned`): reads its dpo.json, rebuilds
+    the reward, loads the reference with `load_reference(rel_dir)`, and adds the held-out implicit accuracy."""
+    from components.errors import DataError
+    from components.preferences.rewards import make_reward
+
+    info_path = Path(tuned.directory) / DPO_INFO_FILE
+    if not info_path.is_file():
+        raise DataError(f"{tuned.directory} has no {DPO_INFO_FILE}: not a model written by the dpo stage")
+    info = json.loads(info_path.read_text())
+    reward_spec = info["reward"]
+    model_dir = Path(tuned.directory) / reward_spec["path"] if reward_spec.get("kind") == "bradley_terry" else None
+    reward = make_reward(reward_spec, classifier_dir=classifier_dir, model_dir=model_dir)
+    block = evaluate_alignment(load_reference(info["reference"]), tuned, reward, n=n, seed=seed, real_x=real_x,
+                               real_y=real_y, feature_fn=feature_fn)
+    block["implicit_accuracy"] = float(info["implicit_accuracy_heldout"])
+    block["beta"] = float(info["beta"])
+    block["reference"] = info["reference"]
+    return block

@@ -1,0 +1,93 @@
+"""`preferences` stage: preference pairs for Diffusion-DPO -> data/pairs/ (WebDataset shards + manifest).
+
+Either sample K per condition group from the reference model (`preferences.model`, the teacher by default),
+score them with the configured reward and pair them by rank with a minimum margin (components/preferences/
+pairs.py), or read labelled pairs from `preferences.pairs_file` (JSONL) and fit a Bradley-Terry reward model on
+them (saved in data/pairs/reward_model/, so evaluation scores with the same reward). The manifest records the
+reward, the seeds scheme, and the generating model's MLflow run id.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+from prefect import flow
+
+from components.config import Params, load_params
+from components.errors import DataError, UserError
+from components.models.store import load_denoiser
+from components.preferences.bradley_terry import save_reward_model, train_reward_model
+from components.preferences.pairs import SEED_BASE, collect_pairs, read_labelled_pairs, write_pair_shards
+from components.preferences.rewards import make_reward
+from components.training.denoiser_training import set_torch_threads
+from flows.runtime import repo_root
+from flows.stage import StageContext, StageSpec, read_manifest, run_stage_in_flow
+
+SPEC = StageSpec(name="preferences", output="data/pairs", inputs=("models/teacher",), sections=("preferences",),
+                 produced_by={"models/teacher": "teacher"})
+REWARD_MODEL_DIR = "reward_model"
+
+
+def resolve_spec(params: Params) -> StageSpec:
+    """Inputs from params: the generating model, plus the reference classifier for the classifier reward."""
+    model = f"models/{params.preferences.model}"
+    inputs = (model,) + (("models/featurizer",) if params.preferences.reward.kind == "classifier" else ())
+    return dataclasses.replace(SPEC, inputs=inputs, produced_by={model: params.preferences.model,
+                                                                 "models/featurizer": "featurizer"})
+
+
+def make_pairs(ctx: StageContext) -> dict:
+    p = ctx.params.preferences
+    model_dir = ctx.path(f"models/{p.model}")
+    model = load_denoiser(model_dir)
+    set_torch_threads(model.spec)
+    generating_run = read_manifest(model_dir).get("lineage", {}).get("mlflow_run_id")
+    info = {"generating_model": f"models/{p.model}", "generating_run_id": generating_run}
+    if p.pairs_file:
+        path = Path(p.pairs_file) if Path(p.pairs_file).is_absolute() else ctx.repo / p.pairs_file
+        pairs = read_labelled_pairs(path, model.spec["data_shape"], model.num_classes)
+        reward_model = train_reward_model(pairs.x_w, pairs.x_l, ctx.path("checkpoints/preferences/reward_model"),
+                                          steps=p.reward_model_steps, seed=p.seed)
+        save_reward_model(reward_model, ctx.out_dir / REWARD_MODEL_DIR)
+        pairs.score_w, pairs.score_l = reward_model.reward(pairs.x_w).double(), reward_model.reward(pairs.x_l).double()
+        reward_spec = {"kind": "bradley_terry", "path": REWARD_MODEL_DIR}
+        info.update({"source": "labelled_file", "pairs_file": p.pairs_file})
+    else:
+        if p.reward.kind == "bradley_terry":
+            raise DataError("preferences.reward.kind bradley_terry is fitted from labelled pairs: set "
+                            "preferences.pairs_file")
+        reward_spec = p.reward.model_dump()
+        reward = make_reward(reward_spec, classifier_dir=ctx.path("models/featurizer"))
+        pairs = collect_pairs(model, reward, groups=p.groups, k=p.k, min_margin=p.min_margin, seed=p.seed,
+                              nfe=p.nfe)
+        info.update({"source": "model", "groups": p.groups, "k": p.k, "min_margin": p.min_margin, "nfe": p.nfe,
+                     "seeds": f"sample j of group g: noise randn(data_shape) seeded {SEED_BASE} * (1 + {p.seed}) "
+                              "+ g * k + j"})
+    manifest = write_pair_shards(pairs, ctx.out_dir, info={"reward": reward_spec, **info})
+    ctx.manifest.update(manifest)
+    ctx.run.set_tags({"generating_run_id": generating_run or ""})
+    margin = pairs.score_w - pairs.score_l
+    metrics = {"pairs": len(pairs), "score_margin_mean": float(margin.mean())}
+    if not p.pairs_file:
+        metrics["kept_fraction"] = len(pairs) / (p.groups * (p.k // 2))
+        metrics["score_winner_mean"] = float(pairs.score_w.mean())
+        metrics["score_loser_mean"] = float(pairs.score_l.mean())
+    return metrics
+
+
+@flow(name="preferences", description="Sample, score and pair (or read labelled pairs) -> data/pairs/.")
+def flow_fn():
+    from prefect import get_run_logger
+    from prefect.states import Failed
+
+    try:
+        spec = resolve_spec(load_params(repo_root() / "params.yaml"))
+    except UserError as e:  # one line, no traceback (the stage contract validates again inside)
+        get_run_logger().error(f"{type(e).__name__}: {e}")
+        return Failed(message=f"{e}", data=e)
+    return run_stage_in_flow(spec, make_pairs)
+
+
+if __name__ == "__main__":
+    sys.exit(0 if flow_fn(return_state=True).is_completed() else 1)
