@@ -75,7 +75,8 @@ class LoadedModel:
         if self.spec.get("students") and nfe is not None and steps is None:
             # Progressive distillation keeps one student per step count: use the one trained for the largest
             # count that fits the budget (its NFE is what SampleResult.nfe reports).
-            return self.student_for(nfe).sample(noise, nfe=nfe, method=method, grid=grid, cond=cond,
+            student = self.student_for(nfe)
+            return student.sample(noise, steps=student.spec["sampler"]["steps"], method=method, grid=grid, cond=cond,
                                                 guidance=guidance, return_trajectory=return_trajectory,
                                                 generator=generator)
         defaults = self.spec["sampler"]
