@@ -13,7 +13,7 @@ setup:  ## create .venv with the pinned environment (idempotent)
 	@scripts/setup_env.sh
 
 demo: setup  ## run the whole pipeline on the default data (dvc repro), then show the metrics
-	dvc repro && dvc metrics show
+	dvc repro && python -m flows.summary
 
 test: setup  ## run the test suite
 	python -m pytest $(PYTEST_ARGS)
