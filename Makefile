@@ -4,7 +4,7 @@ VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export DVC_NO_ANALYTICS := true
 
-.PHONY: help setup demo test ui stop bench clean
+.PHONY: help setup demo demo-digits test ui stop bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -14,6 +14,9 @@ setup:  ## create .venv with the pinned environment (idempotent)
 
 demo: setup  ## run the whole pipeline on the default data (dvc repro), then show the metrics
 	dvc repro && python -m flows.summary
+
+demo-digits: setup  ## the whole pipeline on 8x8 digits images (profiles/digits.yaml through DVC); back: git checkout params.yaml
+	python -m flows.profile digits && python -m flows.summary
 
 test: setup  ## run the test suite
 	python -m pytest $(PYTEST_ARGS)
