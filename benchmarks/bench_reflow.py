@@ -13,13 +13,16 @@ Writes benchmarks/results/reflow.json.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from components.config import CouplingsParams, ReflowParams
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from components.config import CouplingsParams, ReflowParams  # noqa: E402  (after the path insert)
 from components.data.shards import read_split
 from components.diffusion.grids import make_grid
 from components.diffusion.samplers import sample
@@ -46,10 +49,12 @@ def main() -> None:
     ap.add_argument("--teacher", type=Path, required=True)
     ap.add_argument("--shards", type=Path, required=True)
     ap.add_argument("--steps", type=int, default=None, help="reflow steps (default: reflow params default)")
+    ap.add_argument("--count", type=int, default=None, help="coupling pairs (default: couplings params default)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--n-eval", type=int, default=2000)
     args = ap.parse_args()
-    cp, rp = CouplingsParams(), ReflowParams(**({"steps": args.steps} if args.steps else {}))
+    cp = CouplingsParams(**({"count": args.count} if args.count else {}))
+    rp = ReflowParams(**({"steps": args.steps} if args.steps else {}))
     teacher = load_denoiser(args.teacher)
     set_torch_threads(teacher.spec)
     out: dict = {"couplings": cp.model_dump(), "reflow": rp.model_dump()}
