@@ -90,7 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-orch-") as tmp:
         root = copy_repo(Path(tmp))
         try:
-            build_s = timed(root, "-m", "flows", "pipeline", *args.targets)
+            build_s = timed(root, "-m", "flows", "pipeline", *args.targets, label="build")
             result = {"targets": args.targets or ["all"], "repeats": args.repeats, "build_s": round(build_s, 2),
                       "noop_dvc_repro_s": median_of(args.repeats, root, "-m", "dvc", "repro", *args.targets,
                                                     label="noop_dvc_repro"),
