@@ -1,5 +1,5 @@
 """`couplings` stage: integrate the teacher's ODE from fixed-seed noise to get reflow pairs (z, x = teacher(z), label)
-and write them as WebDataset shards to data/couplings/ with a manifest (count, solver, NFE, teacher run id and
+and write them as WebDataset shards to data/couplings/pairs/ with a manifest (count, solver, NFE, teacher run id and
 weights digest). Finished chunks are kept in checkpoints/couplings/<fingerprint>/ (outside the DVC output), so an
 interrupted run regenerates only what is missing. The integration error is measured against a 4x-NFE solve and a
 warning names couplings.nfe when it exceeds couplings.max_error.
@@ -21,7 +21,7 @@ from components.training.reflow_training import (chunk_noise, coupling_error, ge
                                                  write_coupling_shards)
 from flows.stage import StageContext, StageSpec, read_manifest, run_stage_in_flow
 
-SPEC = StageSpec(name="couplings", output="data/couplings", inputs=("models/teacher",), sections=("couplings",),
+SPEC = StageSpec(name="couplings", output="data/couplings/pairs", inputs=("models/teacher",), sections=("couplings",),
                  produced_by={"models/teacher": "teacher"})
 
 
@@ -68,7 +68,7 @@ def make_couplings(ctx: StageContext) -> dict:
             "transport_cost": transport_cost(z, x)}
 
 
-@flow(name="couplings", description="Teacher ODE couplings (z, x) for reflow -> data/couplings/ (WebDataset).")
+@flow(name="couplings", description="Teacher ODE couplings (z, x) for reflow -> data/couplings/pairs/ (WebDataset).")
 def flow_fn():
     return run_stage_in_flow(SPEC, make_couplings)
 

@@ -1,7 +1,7 @@
 """`reflow` stage: rectified flow on the teacher's couplings with the one Trainer, initialised from the teacher
 (a velocity model on the flow schedule); writes models/reflow/ (model.pt + model.json, Euler sampler).
 
-Round 1 trains on data/couplings. With `reflow.rounds: k > 1` each later round regenerates the coupling from the
+Round 1 trains on data/couplings/pairs. With `reflow.rounds: k > 1` each later round regenerates the coupling from the
 previous round's model (same count, solver, NFE as the couplings stage) and trains again from it
 (k-rectified flow). Every round, and the optional one-step distillation (`reflow.distill_one_step`), is its own
 MLflow child run nested under the stage's run. Checkpoints live in checkpoints/reflow/<fingerprint>/round<r>/,
@@ -33,21 +33,22 @@ from components.training.trainer import CheckpointMismatchError, NonFiniteLossEr
 from flows.couplings import teacher_identity
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
-SPEC = StageSpec(name="reflow", output="models/reflow", inputs=("data/couplings", "models/teacher"),
+COUPLINGS = "data/couplings/pairs"  # the couplings stage's output (its metrics live beside it)
+SPEC = StageSpec(name="reflow", output="models/reflow", inputs=(COUPLINGS, "models/teacher"),
                  sections=("couplings", "reflow"),
-                 produced_by={"data/couplings": "couplings", "models/teacher": "teacher"})
+                 produced_by={COUPLINGS: "couplings", "models/teacher": "teacher"})
 DIAGNOSTIC_PAIRS = 512  # held-out noise / pairs for straightness and coupling diagnostics
 STRAIGHTNESS_STEPS = 32
 
 
 def check_couplings_match_teacher(ctx: StageContext) -> dict:
     """The couplings' manifest must name the teacher in models/teacher (run id and weights digest)."""
-    manifest = read_json(ctx.path("data/couplings/manifest.json"))
+    manifest = read_json(ctx.path(f"{COUPLINGS}/manifest.json"))
     recorded = manifest.get("teacher") or {}
     current = teacher_identity(ctx.path("models/teacher"))
     for key in ("weights_md5", "mlflow_run_id"):
         if recorded.get(key) != current[key]:
-            raise DataError(f"data/couplings was generated from a different teacher ({key} {recorded.get(key)} in "
+            raise DataError(f"{COUPLINGS} was generated from a different teacher ({key} {recorded.get(key)} in "
                             f"its manifest, models/teacher has {current[key]}); rerun `dvc repro couplings`")
     return manifest
 
@@ -79,9 +80,9 @@ def train_reflow(ctx: StageContext) -> dict:
     teacher = load_denoiser(ctx.path("models/teacher"))
     spec = student_spec(teacher.spec, steps=p.sampler_steps)  # DataError for a non-velocity teacher
     set_torch_threads(spec, p.torch_threads)
-    coupling = read_couplings(ctx.path("data/couplings"), coupling_manifest["shards"])
+    coupling = read_couplings(ctx.path(COUPLINGS), coupling_manifest["shards"])
     if len(coupling[0]) < p.batch_size:
-        raise DataError(f"data/couplings holds {len(coupling[0])} pairs, fewer than reflow.batch_size={p.batch_size}")
+        raise DataError(f"{COUPLINGS} holds {len(coupling[0])} pairs, fewer than reflow.batch_size={p.batch_size}")
     train = p.trainer_kwargs()
     resume_key = {k: v for k, v in train.items() if k not in ("steps", "checkpoint_every", "log_every")}
     fingerprint = run_fingerprint(spec, coupling_manifest["teacher"], coupling_manifest.get("relative_error_vs_4x_nfe"),

@@ -31,6 +31,12 @@ class StageSpec:
     sections: tuple[str, ...] = ()  # params sections it reads (recorded in the manifest and MLflow)
     produced_by: dict = field(default_factory=dict)  # input path -> stage name, for "run X first" errors
 
+    def __post_init__(self) -> None:
+        # DVC refuses an output directory that contains another output (the metrics file): fail at import.
+        if Path(self.metrics_path).is_relative_to(self.output):
+            raise ValueError(f"stage '{self.name}': its metrics file {self.metrics_path} lies inside its output "
+                             f"{self.output}; move the output (e.g. to {self.output}/<name>)")
+
     @property
     def metrics_path(self) -> str:
         return f"data/{self.name}/metrics.json"

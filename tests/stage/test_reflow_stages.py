@@ -37,11 +37,11 @@ def _json(path):
 def test_couplings_then_reflow_straighten_paths_and_beat_the_teacher_at_one_step(taught):
     r = run_flows(taught, "couplings")
     assert r.returncode == 0, r.stderr[-3000:]
-    manifest = _json(taught / "data/couplings/manifest.json")
+    manifest = _json(taught / "data/couplings/pairs/manifest.json")
     teacher_run = _json(taught / "models/teacher/manifest.json")["lineage"]["mlflow_run_id"]
     assert manifest["count"] == 2000 and manifest["nfe"] == 32 and manifest["solver"] == "heun"
     assert manifest["teacher"]["mlflow_run_id"] == teacher_run
-    z, x, y = read_couplings(taught / "data/couplings", manifest["shards"])
+    z, x, y = read_couplings(taught / "data/couplings/pairs", manifest["shards"])
     assert z.shape == x.shape == (2000, 2) and y is None
     # The pairs are the teacher's ODE solutions of the recorded fixed-seed noise.
     teacher = load_denoiser(taught / "models/teacher")
@@ -81,7 +81,7 @@ def test_couplings_bad_input_count_below_batch_and_too_few_nfe(taught):
     set_params(taught, {"couplings": {**COUPLINGS, "count": 100, "batch_size": 500}})
     r = run_flows(taught, "couplings")
     assert r.returncode != 0 and "couplings" in r.stderr and "smaller than batch_size" in r.stderr
-    assert not (taught / "data/couplings").exists()
+    assert not (taught / "data/couplings/pairs").exists()
     set_params(taught, {"couplings": {**COUPLINGS, "count": 500, "nfe": 1, "max_error": 1e-4}})
     r = run_flows(taught, "couplings")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,0 +1,30 @@
+"""dvc.yaml builds a DAG (no overlapping outputs), and its stages are exactly the registered flows."""
+import importlib
+
+import yaml
+
+from flows import STAGES
+from flows.stage import StageSpec
+from tests.conftest import REPO
+
+
+def test_dvc_builds_the_graph_and_stages_match_flows():
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        graph_stages = {stage.name for stage in repo.index.graph.nodes}
+    declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert graph_stages == set(declared) == set(STAGES)
+    for name, stage in declared.items():
+        assert stage["cmd"] == f"python -m flows {name}"
+        spec = getattr(importlib.import_module(STAGES[name]), "SPEC", None)
+        if isinstance(spec, StageSpec):  # the stage's metrics file is declared where the contract writes it
+            metrics = [next(iter(m)) if isinstance(m, dict) else m for m in stage.get("metrics", [])]
+            assert spec.metrics_path in metrics, (name, metrics)
+
+
+def test_metrics_file_inside_the_output_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="lies inside its output"):
+        StageSpec(name="couplings", output="data/couplings")
