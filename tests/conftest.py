@@ -37,7 +37,11 @@ def prefect_api(tmp_path_factory):
 
 def project_env(**extra: str) -> dict[str, str]:
     """Environment for subprocesses in a temp project: the venv first on PATH, no inherited MLflow URI."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "DVC_ROOT", "PIPELINE_PARENT_RUN_ID")}
+    # Rendezvous variables set in this pytest process by in-process Trainer tests (whose TCPStore still listens
+    # on MASTER_PORT) must not leak into stage subprocesses: they would all try to bind that same port.
+    dropped = {"MLFLOW_TRACKING_URI", "DVC_ROOT", "PIPELINE_PARENT_RUN_ID",
+               "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
     env["DVC_NO_ANALYTICS"] = "true"
     env["PYTHONPATH"] = ""  # the project dir itself is the cwd
@@ -67,6 +71,36 @@ def project(tmp_path, prefect_api) -> Path:
     set_params(root, {"data": {"n_samples": 600}, "shard": {"samples_per_shard": 100}})
     commit_all(root, "tiny params")
     return root
+
+
+# The tiny teacher every student-stage test starts from: well-separated modes (eight_gaussians) a small MLP learns
+# in a few hundred steps, so "the student beats the teacher at one step" is measurable in seconds.
+TINY_TEACHER_PARAMS = {
+    "data": {"n_samples": 3000, "name": "eight_gaussians"},
+    "model": {"mlp": {"width": 64, "depth": 2}},
+    "teacher": {"steps": 400, "batch_size": 256, "checkpoint_every": 200, "log_every": 50, "plot_samples": 200,
+                "warmup_steps": 20, "lr": 0.003},
+}
+
+
+@pytest.fixture(scope="session")
+def taught_template(tmp_path_factory, prefect_api) -> Path:
+    """A project where `python -m flows shard` and `python -m flows teacher` ran once for the whole session."""
+    root = copy_project(tmp_path_factory.mktemp("taught") / "project")
+    set_params(root, TINY_TEACHER_PARAMS)
+    commit_all(root, "tiny teacher params")
+    for stage in ("shard", "teacher"):
+        r = run_flows(root, stage)
+        assert r.returncode == 0, (stage, r.stderr[-3000:])
+    return root
+
+
+@pytest.fixture
+def taught_project(taught_template, tmp_path) -> Path:
+    """A private copy of the trained-teacher project (shards, teacher, its MLflow runs, git history)."""
+    dest = tmp_path / "project"
+    shutil.copytree(taught_template, dest, symlinks=True)
+    return dest
 
 
 def set_params(root: Path, updates: dict) -> None:

@@ -11,20 +11,14 @@ from components.evaluation.metrics import sliced_wasserstein2
 from components.models.store import load_denoiser
 from tests.conftest import run_flows, set_params
 
-TINY_TEACHER = {"steps": 400, "batch_size": 256, "checkpoint_every": 200, "log_every": 50, "plot_samples": 200,
-                "warmup_steps": 20, "lr": 0.003}
 
 
 @pytest.fixture
-def with_teacher(project):
-    set_params(project, {"data": {"n_samples": 3000, "name": "eight_gaussians"},
-                         "model": {"mlp": {"width": 64, "depth": 2}}, "teacher": TINY_TEACHER,
-                         "progressive": {"teacher_steps": 4, "steps": 150, "checkpoint_every": 50, "log_every": 25},
-                         "consistency": {"steps": 300, "checkpoint_every": 100, "log_every": 50}})
-    for stage in ("shard", "teacher"):
-        r = run_flows(project, stage)
-        assert r.returncode == 0, r.stderr[-3000:]
-    return project
+def with_teacher(taught_project):
+    set_params(taught_project, {
+        "progressive": {"teacher_steps": 4, "steps": 150, "checkpoint_every": 50, "log_every": 25},
+        "consistency": {"steps": 300, "checkpoint_every": 100, "log_every": 50}})
+    return taught_project
 
 
 def test_students_sample_at_their_step_counts_and_beat_the_teacher_at_one_step(with_teacher):

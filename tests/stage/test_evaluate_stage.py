@@ -88,7 +88,7 @@ def gaussian_flow_frame_straightness(dim: int = 2, grid: int = 200_001) -> float
 def evaluated(project):
     prepare_inputs(project)
     write_zero_model(project / "models" / "teacher")
-    set_params(project, {"evaluate": {**TINY_EVAL, "models": ["teacher", "progressive"]}})
+    set_params(project, {"evaluate": {**TINY_EVAL, "models": ["teacher", "not_a_stage"]}})
     commit_all(project, "tiny evaluation")
     r = run_flows(project, "evaluate")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -99,9 +99,9 @@ def test_evaluate_writes_valid_metrics_report_and_mlflow_run_and_reruns_identica
     project, first = evaluated
     metrics = read_metrics(project)
     validate_metrics_schema(metrics)
-    # progressive is listed but has no dir and is not a dvc.yaml dep: skipped with a warning
+    # not_a_stage is listed but has no dir and is not a dvc.yaml dep: skipped with a warning
     assert list(metrics["models"]) == ["teacher"]
-    assert "skipping model 'progressive'" in first.stdout + first.stderr
+    assert "skipping model 'not_a_stage'" in first.stdout + first.stderr
     teacher = metrics["models"]["teacher"]["nfe"]
     assert list(teacher) == ["1", "2", "4"]
     # heun: 1 step = 1 NFE (last step is Euler), 2 steps = 3 NFE: never more than requested
@@ -132,7 +132,7 @@ def test_evaluate_writes_valid_metrics_report_and_mlflow_run_and_reruns_identica
     rows = json.loads((report / "plots" / "teacher.json").read_text())
     assert [r["nfe"] for r in rows] == [1, 2, 4] and rows[0]["sw2"] == teacher["1"]["sw2"]
     manifest = json.loads((report / "manifest.json").read_text())
-    assert manifest["skipped_models"] == ["progressive"]
+    assert manifest["skipped_models"] == ["not_a_stage"]
     assert manifest["lineage"]["inputs"][-1]["run_id"] == "run-of-the-teacher"
 
     import mlflow

@@ -56,8 +56,8 @@ def test_digits_featurizer_trains_on_train_split_and_evaluate_scores_images_in_i
     write_shards_for(project, DataParams(source="digits"))
     conditional_zero_unet(project / "models" / "teacher", guidance=2.0)
     set_params(project, {"featurizer": {"steps": 60, "batch_size": 64},
-                         "evaluate": {"n_samples": 40, "nfe": [2, 4], "straightness_steps": 4,
-                                      "image_grid_size": 16}})
+                         "evaluate": {"models": ["teacher"], "n_samples": 40, "nfe": [2, 4],
+                                      "straightness_steps": 4, "image_grid_size": 16}})
     commit_all(project, "digits")
     r = run_flows(project, "featurizer")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -33,9 +33,8 @@ def _metrics(project):
     return json.loads((project / "data/teacher/metrics.json").read_text())
 
 
-def test_teacher_learns_and_its_samples_beat_noise(sharded):
-    r = run_flows(sharded, "teacher")
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_teacher_learns_and_its_samples_beat_noise(taught_template):
+    sharded = taught_template  # trained once per session by `python -m flows teacher` (tests/conftest.py)
     out = sharded / "models/teacher"
     assert {"model.pt", "model.json", "manifest.json", "samples.png"} <= {p.name for p in out.iterdir()}
     model = load_denoiser(out)
