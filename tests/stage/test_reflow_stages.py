@@ -68,13 +68,18 @@ def test_couplings_then_reflow_straighten_paths_and_beat_the_teacher_at_one_step
     r = run_flows(taught, "reflow")
     assert r.returncode != 0 and "generated from a different teacher" in r.stderr + r.stdout
     assert "rerun `dvc repro couplings`" in r.stderr + r.stdout
+    # One teacher serves both tests' worth of checks (training it is the slow part).
+    _bad_input_rounds_and_distillation(taught)
 
 
-def test_couplings_bad_input_count_below_batch_and_too_few_nfe(taught):
+def _bad_input_rounds_and_distillation(taught):
+    """couplings: count < batch size is a params error, too few NFE warns; reflow: count < batch size is refused,
+    k = 2 rounds + one-step distillation are nested child runs."""
+    before = (taught / "data/couplings/pairs/manifest.json").read_text()
     set_params(taught, {"couplings": {**COUPLINGS, "count": 100, "batch_size": 500}})
     r = run_flows(taught, "couplings")
     assert r.returncode != 0 and "couplings" in r.stderr and "smaller than batch_size" in r.stderr
-    assert not (taught / "data/couplings/pairs").exists()
+    assert (taught / "data/couplings/pairs/manifest.json").read_text() == before  # nothing written
     set_params(taught, {"couplings": {**COUPLINGS, "count": 500, "nfe": 1, "max_error": 1e-4}})
     r = run_flows(taught, "couplings")
     assert r.returncode == 0, r.stderr[-3000:]
