@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from components.data.memory import shuffled_batches
 from components.errors import DataError
 
 WEIGHTS = "reward_model.pt"
@@ -58,14 +59,7 @@ def bradley_terry_loss(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tens
 def pair_batches(x_w: Tensor, x_l: Tensor, batch_size: int, seed: int,
                  cond: Optional[Tensor] = None) -> Iterator[dict[str, Tensor]]:
     """Endless shuffled minibatches of pairs {"x": winners, "x_loser": losers, "y": labels or None}."""
-    if len(x_w) < batch_size:
-        raise DataError(f"{len(x_w)} pairs are fewer than one batch of {batch_size}; lower the batch size")
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(len(x_w), generator=gen)
-        for start in range(0, len(perm) - batch_size + 1, batch_size):
-            idx = perm[start:start + batch_size]
-            yield {"x": x_w[idx], "x_loser": x_l[idx], "y": None if cond is None else cond[idx]}
+    return shuffled_batches({"x": x_w, "x_loser": x_l, "y": cond}, batch_size, seed, what="pairs")
 
 
 def train_reward_model(x_w: Tensor, x_l: Tensor, checkpoint_dir: Path | str, *, steps: int = 300,

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from components.data.memory import shuffled_batches
 from components.errors import DataError
 from components.models.store import LoadedModel, build_denoiser
 from components.training.denoiser_training import set_torch_threads
@@ -164,16 +165,8 @@ def read_couplings(directory: Path | str, shards: list[str]) -> tuple[torch.Tens
 
 def pair_batches(z: torch.Tensor, x: torch.Tensor, y: Optional[torch.Tensor], batch_size: int,
                  seed: int) -> Iterator[dict[str, Any]]:
-    """Endless shuffled batches {"z", "x", "y"} of the coupling (a fresh permutation per epoch, seeded, so a
-    resumed Trainer that skips consumed batches sees exactly the batches of an uninterrupted run)."""
-    if len(z) < batch_size:
-        raise DataError(f"the coupling has {len(z)} pairs, fewer than one batch of {batch_size}")
-    generator = torch.Generator().manual_seed(seed)
-    while True:
-        order = torch.randperm(len(z), generator=generator)
-        for start in range(0, len(z) - batch_size + 1, batch_size):
-            idx = order[start:start + batch_size]
-            yield {"z": z[idx], "x": x[idx], "y": y[idx] if y is not None else None}
+    """Endless shuffled batches {"z", "x", "y"} of the coupling (seeded: a resumed run sees the same batches)."""
+    return shuffled_batches({"z": z, "x": x, "y": y}, batch_size, seed, what="coupling pairs")
 
 
 def train_on_coupling(spec: dict[str, Any], init_state: dict[str, torch.Tensor],
