@@ -9,7 +9,7 @@ from prefect import flow
 
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
-SPEC = StageSpec(name="selfcheck", output="data/selfcheck", sections=("tracking",))
+SPEC = StageSpec(name="selfcheck", output="data/selfcheck/out", sections=("tracking",))
 
 
 def do_nothing(ctx: StageContext) -> dict:

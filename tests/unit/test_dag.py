@@ -3,7 +3,7 @@ import importlib
 
 import yaml
 
-from flows import STAGES
+from flows import STAGES, TOOLS
 from flows.stage import StageSpec
 from tests.conftest import REPO
 
@@ -21,6 +21,11 @@ def test_dvc_builds_the_graph_and_stages_match_flows():
         if isinstance(spec, StageSpec):  # the stage's metrics file is declared where the contract writes it
             metrics = [next(iter(m)) if isinstance(m, dict) else m for m in stage.get("metrics", [])]
             assert spec.metrics_path in metrics, (name, metrics)
+
+
+def test_every_runnable_stage_module_imports():
+    for module in {**STAGES, **TOOLS}.values():
+        assert callable(importlib.import_module(module).flow_fn)
 
 
 def test_metrics_file_inside_the_output_is_refused():
