@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,28 +33,6 @@ SPEC = StageSpec(name="progressive", output="models/progressive", inputs=("data/
 
 def weights_digest(path: Path) -> str:
     return hashlib.md5(Path(path).read_bytes()).hexdigest()[:12]
-
-
-@contextmanager
-def child_run(ctx: StageContext, name: str, params: dict):
-    """A child MLflow run of the stage run (tag mlflow.parentRunId); yields (run_id, log_fn)."""
-    from mlflow import MlflowClient
-
-    from components.tracking.metrics import run_metrics_logger
-
-    client = MlflowClient(ctx.run.tracking_uri)
-    experiment_id = client.get_run(ctx.run.run_id).info.experiment_id
-    run = client.create_run(experiment_id, run_name=name, tags={
-        "mlflow.parentRunId": ctx.run.run_id, "stage.round_of": ctx.spec.name,
-        "git.commit": ctx.run.tags.get("git.commit", "unknown")})
-    for key, value in params.items():
-        client.log_param(run.info.run_id, key, str(value))
-    try:
-        yield run.info.run_id, run_metrics_logger(ctx.run.tracking_uri, run.info.run_id)
-    except BaseException:
-        client.set_terminated(run.info.run_id, status="FAILED")
-        raise
-    client.set_terminated(run.info.run_id, status="FINISHED")
 
 
 def train_round(spec: dict, previous: torch.nn.Module, student_steps: int, shards: Path, train: dict,
@@ -97,7 +74,9 @@ def distill(ctx: StageContext) -> dict:
         spec = {**copy.deepcopy(teacher.spec), "sampler": {**teacher.spec["sampler"], "method": "ddim",
                                                           "grid": "uniform", "steps": n},
                 "distilled_from": {"teacher_steps": 2 * n, "sampler": "ddim", "grid": "uniform"}}
-        with child_run(ctx, f"round_{2 * n}_to_{n}", {"student_steps": n, "teacher_steps": 2 * n, **resume_key}) as (run_id, log_fn):
+        with ctx.run.child_run(f"round_{2 * n}_to_{n}", params={"student_steps": n, "teacher_steps": 2 * n, **resume_key},
+                               tags={"stage.round_of": ctx.spec.name}) as child:
+            run_id, log_fn = child.run_id, child.log_metrics
             try:
                 result = train_round(spec, previous, n, shards, {**train, "progress_bar": True}, p.weighting,
                                      checkpoint_root / sub, ctx.out_dir / sub / WEIGHTS_FILE, log_fn)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -51,15 +50,6 @@ def check_couplings_match_teacher(ctx: StageContext) -> dict:
             raise DataError(f"{COUPLINGS} was generated from a different teacher ({key} {recorded.get(key)} in "
                             f"its manifest, models/teacher has {current[key]}); rerun `dvc repro couplings`")
     return manifest
-
-
-@contextmanager
-def child_run(name: str, tags: dict):
-    """An MLflow run nested under the stage's (active) run; yields a log_fn(metrics, step) for the Trainer."""
-    import mlflow
-
-    with mlflow.start_run(run_name=name, nested=True, tags={k: str(v) for k, v in tags.items()}) as run:
-        yield run, lambda metrics, step: mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
 
 @torch.no_grad()
@@ -103,18 +93,17 @@ def train_reflow(ctx: StageContext) -> dict:
         if round_no > 1:  # k-rectified flow: re-pair fresh noise through the previous round's model
             coupling = regenerate(model, coupling_manifest, root / f"round{round_no}" / "couplings")[:3]
         export = root / f"round{round_no}" / "export.pt"
-        with child_run(f"reflow-round{round_no}", {"reflow.round": round_no, "reflow.parent_stage": "reflow"}) as (
-                run, log_fn):
+        with ctx.run.child_run(f"reflow-round{round_no}", tags={"reflow.round": round_no,
+                                                                "reflow.parent_stage": "reflow"}) as child:
+            log_fn = child.log_metrics
             result, resumed = _train(spec, state, objective, coupling, train, root / f"round{round_no}" / "ckpt",
                                      export, log_fn, p.torch_threads, {"spec": spec, "round": round_no})
             state = torch.load(export, weights_only=True)
             model = loaded_from_state(spec, state, ctx.out_dir)
             round_metrics = round_report(model, noise, cond, coupling, result, resumed)
-            import mlflow
-
-            mlflow.log_metrics({k: float(v) for k, v in round_metrics.items() if isinstance(v, (int, float))})
+            child.log_metrics(round_metrics)
         metrics.update({f"round{round_no}_{k}": v for k, v in round_metrics.items()})
-        ctx.manifest.setdefault("rounds", []).append({"round": round_no, "mlflow_run_id": run.info.run_id,
+        ctx.manifest.setdefault("rounds", []).append({"round": round_no, "mlflow_run_id": child.run_id,
                                                       **round_metrics})
     metrics["straightness"] = metrics[f"round{p.rounds}_straightness"]
     metrics["straightness_ratio"] = metrics["straightness"] / max(metrics["teacher_straightness"], 1e-12)
@@ -125,13 +114,14 @@ def train_reflow(ctx: StageContext) -> dict:
         distill_spec = {**spec, "objective": "reflow_one_step", "sampler": {**spec["sampler"], "steps": 1}}
         distill_train = {**train, "steps": p.distill_steps}
         export = root / "distill" / "export.pt"
-        with child_run("reflow-distill-one-step", {"reflow.distill": "one_step", "reflow.parent_stage": "reflow"}) as (
-                run, log_fn):
+        with ctx.run.child_run("reflow-distill-one-step", tags={"reflow.distill": "one_step",
+                                                                 "reflow.parent_stage": "reflow"}) as child:
             result, _ = _train(distill_spec, state, OneStepDistillObjective(), pairs, distill_train,
-                               root / "distill" / "ckpt", export, log_fn, p.torch_threads, {"spec": distill_spec})
+                               root / "distill" / "ckpt", export, child.log_metrics, p.torch_threads,
+                               {"spec": distill_spec})
         state, spec = torch.load(export, weights_only=True), distill_spec
         metrics["distill_final_loss"] = result.final_loss
-        ctx.manifest["distill_one_step"] = {"mlflow_run_id": run.info.run_id, "rectified_model": "rectified/"}
+        ctx.manifest["distill_one_step"] = {"mlflow_run_id": child.run_id, "rectified_model": "rectified/"}
 
     save_denoiser(ctx.out_dir, state, spec)
     ctx.manifest.update({"model": spec, "couplings": {"count": coupling_manifest["count"],

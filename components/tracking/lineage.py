@@ -6,6 +6,7 @@ digest is the DVC hash of the input (from dvc.lock) when DVC has recorded it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -174,5 +175,34 @@ class StageRun:
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
+    @contextlib.contextmanager
+    def child_run(self, name: str, params: Optional[dict] = None, tags: Optional[dict] = None):
+        """A run nested under this stage's run (one per round or sub-model), active inside the block.
+
+        Yields a `ChildRun`; its `log_metrics(metrics, step)` is also a Trainer `log_fn`. A failure inside the
+        block marks the child FAILED and propagates.
+        """
+        mlflow = self._mlflow
+        all_tags = {"stage": self.stage, "stage.child_of": self.run_id,
+                    "git.commit": self.tags.get("git.commit", "unknown"),
+                    **{k: str(v) for k, v in (tags or {}).items()}}
+        with mlflow.start_run(run_name=name, nested=True, tags=all_tags) as run:
+            if params:
+                mlflow.log_params({k: ("null" if v is None else v) for k, v in flatten(params).items()})
+            yield ChildRun(run.info.run_id, mlflow)
+
     def __exit__(self, exc_type, exc, tb) -> None:
         self._mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+
+
+class ChildRun:
+    """Handle on a child run opened by `StageRun.child_run`."""
+
+    def __init__(self, run_id: str, mlflow_module) -> None:
+        self.run_id = run_id
+        self._mlflow = mlflow_module
+
+    def log_metrics(self, metrics: dict, step: Optional[int] = None) -> None:
+        clean = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if clean:
+            self._mlflow.log_metrics(clean, step=step)
