@@ -22,20 +22,8 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.project_copy import REPO, copy_project
 RESULTS = REPO / "benchmarks" / "results"
-
-
-def copy_project(dest: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=b@b", "-c", "user.name=b", "commit", "-qm", "bench copy"]):
-        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
 
 
 def run_stage(project: Path, stage: str) -> float:

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -28,25 +27,19 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.project_copy import REPO, copy_project
 RESULTS = REPO / "benchmarks" / "results"
 TINY = {"data": {"n_samples": 600}, "shard": {"samples_per_shard": 100}}
 
 
 def copy_repo(dest: Path) -> Path:
-    """The project's source files (tracked + new, not ignored) committed into a fresh git repo."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
+    """A fresh git copy of the project with tiny data params, committed."""
+    copy_project(dest)
     params = yaml.safe_load((dest / "params.yaml").read_text())
     for section, values in TINY.items():
         params.setdefault(section, {}).update(values)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=b@b", "-c", "user.name=b", "commit", "-qm", "bench copy"]):
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.email=b@b", "-c", "user.name=b", "commit", "-qm", "tiny params"]):
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
     return dest
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.project_copy import REPO, copy_project  # noqa: F401  (re-exported for tests)
 VENV_BIN = str(Path(sys.executable).parent)
 
 
@@ -47,23 +47,6 @@ def project_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = ""  # the project dir itself is the cwd
     env.update(extra)
     return env
-
-
-def copy_project(dest: Path) -> Path:
-    """Copy the project's source files (tracked + new, not ignored) into `dest` and commit them there."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        if rel == "dvc.lock":  # the developer's last run, not source: tests start from a never-run pipeline
-            continue
-        src = REPO / rel
-        if src.is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / rel)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "test copy"]):
-        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
-    return dest
 
 
 @pytest.fixture
