@@ -61,6 +61,8 @@ def make_couplings(ctx: StageContext) -> dict:
         "count": len(z), "shards": shards, "data_shape": list(teacher.spec["data_shape"]),
         "num_classes": teacher.num_classes, "solver": p.solver, "nfe": p.nfe, "grid": "uniform", "seed": p.seed,
         "relative_error_vs_4x_nfe": error, "teacher": identity,
+        # the teacher's default classifier-free guidance is baked into x (conditional teachers only)
+        "guidance": float(teacher.spec["sampler"].get("guidance", 1.0)) if teacher.num_classes else None,
     })
     shutil.rmtree(work_dir, ignore_errors=True)  # the chunks only serve a resume; the shards are the output
     return {"count": len(z), "nfe": p.nfe, "relative_error": error, "reused_chunks": reused,

@@ -3,8 +3,10 @@
 
 Round 1 trains on data/couplings/pairs. With `reflow.rounds: k > 1` each later round regenerates the coupling from the
 previous round's model (same count, solver, NFE as the couplings stage) and trains again from it
-(k-rectified flow). Every round, and the optional one-step distillation (`reflow.distill_one_step`), is its own
-MLflow child run nested under the stage's run. Checkpoints live in checkpoints/reflow/<fingerprint>/round<r>/,
+(k-rectified flow). Then, with `reflow.distill_nfe: n > 0` (default 2), the k-RF model is distilled into n Euler
+steps on the last round's coupling (gradients through all n steps); models/reflow/ is then the distilled student and
+models/reflow/rectified/ keeps the k-RF model. Every round, and the distillation, is its own MLflow child run nested
+under the stage's run. Checkpoints live in checkpoints/reflow/<fingerprint>/round<r>/,
 outside the DVC output, so an interrupted run resumes. Reported per round: training loss, straightness of the
 model's Euler paths, and coupling diagnostics (reflow loss, transport cost, empirical OT cost), never a claim of
 optimal transport (a zero reflow loss does not imply it; reference/algorithms-training.md section 4).
@@ -24,7 +26,7 @@ from components.errors import DataError, UserError
 from components.evaluation.metrics import straightness
 from components.io import read_json
 from components.models.store import WEIGHTS_FILE, LoadedModel, load_denoiser, save_denoiser
-from components.objectives.reflow import OneStepDistillObjective, ReflowObjective, coupling_diagnostics
+from components.objectives.reflow import EulerDistillObjective, ReflowObjective, coupling_diagnostics
 from components.training.denoiser_training import run_fingerprint, set_torch_threads
 from components.training.reflow_training import (generate_couplings, loaded_from_state, read_couplings,
                                                  student_spec, train_on_coupling)
@@ -108,20 +110,28 @@ def train_reflow(ctx: StageContext) -> dict:
     metrics["straightness"] = metrics[f"round{p.rounds}_straightness"]
     metrics["straightness_ratio"] = metrics["straightness"] / max(metrics["teacher_straightness"], 1e-12)
 
-    if p.distill_one_step:
+    if p.distill_nfe:
         save_denoiser(ctx.out_dir / "rectified", state, spec)  # the k-RF model before distillation
-        pairs = regenerate(model, coupling_manifest, root / "distill" / "couplings")[:3]
-        distill_spec = {**spec, "objective": "reflow_one_step", "sampler": {**spec["sampler"], "steps": 1}}
+        # Trained on the labels without dropout and without guidance: the coupling already carries the teacher's
+        # guided samples, so the distilled student samples unguided.
+        distill_spec = {**spec, "objective": "reflow_distill",
+                        "sampler": {**spec["sampler"], "steps": p.distill_nfe, "guidance": 1.0}}
         distill_train = {**train, "steps": p.distill_steps}
         export = root / "distill" / "export.pt"
-        with ctx.run.child_run("reflow-distill-one-step", tags={"reflow.distill": "one_step",
-                                                                 "reflow.parent_stage": "reflow"}) as child:
-            result, _ = _train(distill_spec, state, OneStepDistillObjective(), pairs, distill_train,
+        with ctx.run.child_run(f"reflow-distill-{p.distill_nfe}-step", tags={"reflow.distill_nfe": p.distill_nfe,
+                                                                            "reflow.parent_stage": "reflow"}) as child:
+            result, _ = _train(distill_spec, state, EulerDistillObjective(p.distill_nfe), coupling, distill_train,
                                root / "distill" / "ckpt", export, child.log_metrics, p.torch_threads,
                                {"spec": distill_spec})
-        state, spec = torch.load(export, weights_only=True), distill_spec
-        metrics["distill_final_loss"] = result.final_loss
-        ctx.manifest["distill_one_step"] = {"mlflow_run_id": child.run_id, "rectified_model": "rectified/"}
+            state, spec = torch.load(export, weights_only=True), distill_spec
+            distilled = loaded_from_state(spec, state, ctx.out_dir)
+            distill_metrics = {"final_loss": result.final_loss, "steps": result.steps,
+                               "straightness": path_straightness(distilled, noise, cond)}
+            child.log_metrics(distill_metrics)
+        metrics.update({f"distill_{k}": v for k, v in distill_metrics.items()})
+        metrics["distill_nfe"] = p.distill_nfe
+        ctx.manifest["distill"] = {"nfe": p.distill_nfe, "mlflow_run_id": child.run_id,
+                                   "rectified_model": "rectified/", **distill_metrics}
 
     save_denoiser(ctx.out_dir, state, spec)
     ctx.manifest.update({"model": spec, "couplings": {"count": coupling_manifest["count"],

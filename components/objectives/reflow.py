@@ -76,19 +76,30 @@ class ReflowObjective:
         return loss, {"loss": float(loss.detach())}
 
 
-class OneStepDistillObjective:
-    """Distil a (reflowed) coupling into one Euler step from t = 1 to t = 0: x_hat = z - v_hat(z, 1).
+class EulerDistillObjective:
+    """Distil a (reflowed) coupling into `steps` Euler steps on the uniform grid from t = 1 to t = 0.
 
-    Loss ||x_hat - x||^2 per element; the student stays a velocity model, so it samples with the ordinary Euler
-    sampler at NFE 1 (and still runs, less accurately, at more steps).
+    x_hat = Euler(v_hat, z, steps) with gradients through every step; loss ||x_hat - x||^2 per element. The student
+    stays a velocity model, so it samples with the ordinary Euler sampler at NFE `steps` (and still runs at other
+    step counts, less accurately). steps = 1 is one-step distillation, x_hat = z - v_hat(z, 1).
+
+    Why more than one step: measured on the default data (bench_reflow), one Euler step of the reflowed model had
+    to undo the sharp parts of the teacher's map alone, while two distilled steps matched the teacher's best SW2.
     """
 
-    name = "one_step"
+    name = "euler_distill"
+
+    def __init__(self, steps: int = 1) -> None:
+        if int(steps) < 1:
+            raise ValueError(f"Euler distillation needs steps >= 1, got {steps}")
+        self.steps = int(steps)
 
     def __call__(self, model: Callable[..., Tensor], batch: Batch) -> tuple[Tensor, dict[str, float]]:
         x, z = _check_pair_batch(batch)
-        t = torch.ones(x.shape[0], device=x.device, dtype=x.dtype)
-        x_hat = z - model(z, t, batch.get("y"), target="v")
+        x_hat, cond = z, batch.get("y")
+        for i in range(self.steps, 0, -1):  # t = i / steps -> (i - 1) / steps
+            t = torch.full((x.shape[0],), i / self.steps, device=x.device, dtype=x.dtype)
+            x_hat = x_hat - model(x_hat, t, cond, target="v") / self.steps
         loss = ((x_hat - x) ** 2).flatten(1).mean(1).mean()
         return loss, {"loss": float(loss.detach())}
 

@@ -34,6 +34,9 @@ def student_spec(teacher_spec: dict[str, Any], steps: int = 1) -> dict[str, Any]
     Only a teacher that already is a velocity model on the flow schedule (teacher.objective: flow) is accepted:
     its weights are then the student's exact initialisation. Other teachers are refused (a DataError naming the
     objective) rather than re-parametrised approximately.
+
+    The student samples without guidance (guidance 1): the couplings are solved with the teacher's default sampler,
+    so a guided teacher's guidance is already in the pairs' x; guiding the student again would apply it twice.
     """
     schedule = teacher_spec.get("schedule", {}).get("name")
     if schedule != "flow" or teacher_spec.get("prediction") != "v":
@@ -41,8 +44,7 @@ def student_spec(teacher_spec: dict[str, Any], steps: int = 1) -> dict[str, Any]
                         f"models/teacher has schedule {schedule!r}, prediction {teacher_spec.get('prediction')!r}")
     spec = {k: v for k, v in teacher_spec.items() if k != "objective"}
     spec["objective"] = "reflow"
-    spec["sampler"] = {"method": "euler", "grid": "uniform", "steps": int(steps),
-                       "guidance": teacher_spec.get("sampler", {}).get("guidance", 1.0)}
+    spec["sampler"] = {"method": "euler", "grid": "uniform", "steps": int(steps), "guidance": 1.0}
     return spec
 
 

@@ -14,7 +14,8 @@ from components.training.reflow_training import chunk_noise, read_couplings
 from tests.conftest import run_flows, set_params
 
 COUPLINGS = {"count": 2000, "batch_size": 500, "nfe": 32, "samples_per_shard": 800}
-REFLOW = {"steps": 300, "batch_size": 256, "checkpoint_every": 150, "warmup_steps": 20, "lr": 0.002}
+REFLOW = {"steps": 300, "batch_size": 256, "checkpoint_every": 150, "warmup_steps": 20, "lr": 0.002,
+          "distill_nfe": 0}
 
 
 @pytest.fixture
@@ -74,7 +75,7 @@ def test_couplings_then_reflow_straighten_paths_and_beat_the_teacher_at_one_step
 
 def _bad_input_rounds_and_distillation(taught):
     """couplings: count < batch size is a params error, too few NFE warns; reflow: count < batch size is refused,
-    k = 2 rounds + one-step distillation are nested child runs."""
+    k = 2 rounds + two-step distillation are nested child runs."""
     before = (taught / "data/couplings/pairs/manifest.json").read_text()
     set_params(taught, {"couplings": {**COUPLINGS, "count": 100, "batch_size": 500}})
     r = run_flows(taught, "couplings")
@@ -86,19 +87,21 @@ def _bad_input_rounds_and_distillation(taught):
     assert "couplings.nfe=1 is too small" in r.stderr + r.stdout
     assert _json(taught / "data/couplings/metrics.json")["relative_error"] > 1e-4
 
-    # reflow: fewer pairs than one batch is refused; k = 2 rounds + one-step distillation are nested child runs.
+    # reflow: fewer pairs than one batch is refused; k = 2 rounds + two-step distillation are nested child runs.
     set_params(taught, {"reflow": {**REFLOW, "batch_size": 1024}})
     r = run_flows(taught, "reflow")
     assert r.returncode != 0 and "fewer than reflow.batch_size=1024" in r.stderr
     set_params(taught, {"reflow": {**REFLOW, "steps": 30, "checkpoint_every": 0, "rounds": 2,
-                                   "distill_one_step": True, "distill_steps": 30}})
+                                   "distill_nfe": 2, "distill_steps": 30}})
     r = run_flows(taught, "reflow")
     assert r.returncode == 0, r.stderr[-3000:]
     manifest = _json(taught / "models/reflow/manifest.json")
     stage_run = manifest["lineage"]["mlflow_run_id"]
-    children = [entry["mlflow_run_id"] for entry in manifest["rounds"]] + [manifest["distill_one_step"]["mlflow_run_id"]]
+    children = [entry["mlflow_run_id"] for entry in manifest["rounds"]] + [manifest["distill"]["mlflow_run_id"]]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{taught / 'mlflow.db'}")
     assert len(set(children)) == 3
     assert all(client.get_run(c).data.tags["mlflow.parentRunId"] == stage_run for c in children)
-    assert load_denoiser(taught / "models/reflow").spec["sampler"]["steps"] == 1
+    distilled = load_denoiser(taught / "models/reflow")
+    assert distilled.spec["sampler"]["steps"] == 2 and distilled.spec["objective"] == "reflow_distill"
+    assert _json(taught / "data/reflow/metrics.json")["distill_nfe"] == 2
     assert load_denoiser(taught / "models/reflow/rectified").spec["objective"] == "reflow"

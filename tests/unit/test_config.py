@@ -19,6 +19,7 @@ def test_repo_params_file_is_valid():
     ({"data": {"n_samples": "many"}}, "data.n_samples"),
     ({"data": {"source": "cifar10"}}, "data.path is required"),
     ({"nosuchstage": {}}, "unknown key 'nosuchstage'"),
+    ({"reflow": {"distill_one_step": True}}, "unknown key 'reflow.distill_one_step' (replaced by reflow.distill_nfe"),
 ])
 def test_bad_values_name_the_key_in_one_line(raw, needle):
     with pytest.raises(ParamsError) as e:

@@ -12,7 +12,7 @@ from components.diffusion.schedules import make_schedule
 from components.errors import DataError
 from components.evaluation.metrics import straightness
 from components.models.store import build_denoiser
-from components.objectives.reflow import (OneStepDistillObjective, ReflowObjective, coupling_diagnostics,
+from components.objectives.reflow import (EulerDistillObjective, ReflowObjective, coupling_diagnostics,
                                           reflow_loss, rotation_matrix, rotation_velocity, transport_cost)
 from components.training.reflow_training import (generate_couplings, loaded_from_state, read_couplings,
                                                  student_spec, write_coupling_shards)
@@ -90,13 +90,33 @@ def test_reflow_objective_uses_the_project_time_convention():
     assert float(flipped) > 1.0
 
 
-def test_one_step_distill_objective_is_zero_for_the_exact_one_step_map():
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_euler_distill_objective_is_zero_for_the_exact_straight_field(steps):
     _, z, x = _teacher_coupling(n=128)
-    objective = OneStepDistillObjective()
-    exact, _ = objective(_velocity_model(lambda y, t: y - (MU + STD * y)), {"x": x, "z": z})
+    objective = EulerDistillObjective(steps)
+    # The affine coupling's rectified field is straight, so Euler is exact at any step count.
+    exact, _ = objective(_velocity_model(_rectified_velocity), {"x": x, "z": z})
     wrong, _ = objective(_velocity_model(lambda y, t: torch.zeros_like(y)), {"x": x, "z": z})
-    assert float(exact) < 1e-6
+    assert float(exact) < 1e-5
     assert float(wrong) == pytest.approx(transport_cost(z, x) / 2, rel=1e-9)
+
+
+def test_euler_distill_objective_unrolls_the_same_steps_as_the_euler_sampler(tmp_path):
+    """The distilled student is sampled with Euler on the uniform grid: the objective must unroll exactly those
+    steps, so a coupling made by the model's own n-step Euler sampler has zero loss at n steps and not at n + 1."""
+    torch.manual_seed(0)
+    spec = _tiny_spec()
+    # random weights everywhere (a fresh network's zero-initialised output layer would make every field zero)
+    state = {k: torch.randn_like(v) * 0.5 for k, v in build_denoiser(spec).state_dict().items()}
+    model = loaded_from_state(spec, state, tmp_path)
+    z = torch.randn(64, 2, generator=torch.Generator().manual_seed(2))
+    x = model.sample(z, steps=2, method="euler", grid="uniform").x
+    with torch.no_grad():
+        same, _ = EulerDistillObjective(2)(model.denoiser, {"x": x, "z": z})
+        other, _ = EulerDistillObjective(3)(model.denoiser, {"x": x, "z": z})
+    assert float(same) < 1e-10 and float(other) > 1e-6
+    with pytest.raises(ValueError, match="steps >= 1"):
+        EulerDistillObjective(0)
 
 
 def test_rotation_coupling_has_zero_reflow_loss_but_is_never_reported_optimal():
@@ -135,8 +155,11 @@ def _tiny_spec(objective="flow"):
 def test_student_spec_refuses_a_non_velocity_teacher_and_samples_with_euler():
     with pytest.raises(DataError, match="teacher.objective: flow"):
         student_spec(_tiny_spec("edm"))
-    spec = student_spec(_tiny_spec("flow"), steps=2)
+    guided = _tiny_spec("flow")
+    guided["sampler"]["guidance"] = 2.0
+    spec = student_spec(guided, steps=2)
     assert spec["sampler"]["method"] == "euler" and spec["sampler"]["steps"] == 2
+    assert spec["sampler"]["guidance"] == 1.0  # the couplings already carry the teacher's guidance
     assert spec["network"] == _tiny_spec()["network"] and spec["prediction"] == "v"
 
 
