@@ -20,6 +20,7 @@ from prefect import flow
 
 from components.data.loader import infinite_batches, make_loader
 from components.data.shards import read_shard_manifest
+from components.diffusion.guidance import GuidedDenoiser
 from components.errors import DataError, UserError
 from components.models.store import WEIGHTS_FILE, build_denoiser, load_denoiser, save_denoiser
 from components.objectives.progressive import ProgressiveObjective
@@ -52,6 +53,18 @@ def train_round(spec: dict, previous: torch.nn.Module, student_steps: int, shard
             "resumed_from_step": int(found[1]["step"]) if found else 0}
 
 
+def first_round_teacher(teacher) -> tuple:
+    """(denoiser round 1 distils, its guidance weight): the teacher as it samples by default.
+
+    Guided distillation: for a conditional teacher with guidance w != 1, round 1 learns two steps of the guided
+    teacher, so every student carries the guidance in its weights and samples unguided (guiding a student again
+    would apply it twice)."""
+    guidance = float(teacher.spec["sampler"].get("guidance", 1.0))
+    if teacher.num_classes is not None and guidance != 1.0:
+        return GuidedDenoiser(teacher.denoiser, guidance, null_label=teacher.num_classes), guidance
+    return teacher.denoiser, guidance
+
+
 def distill(ctx: StageContext) -> dict:
     p = ctx.params.progressive
     shards = ctx.path("data/shards")
@@ -67,13 +80,14 @@ def distill(ctx: StageContext) -> dict:
     checkpoint_root = ctx.path(f"checkpoints/progressive/{fingerprint}")
     ctx.run.set_tags({"checkpoint_dir": checkpoint_root.relative_to(ctx.repo)})
 
-    previous, students, metrics = teacher.denoiser, {}, {}
+    (previous, guidance), students, metrics = first_round_teacher(teacher), {}, {}
     n = p.teacher_steps // 2
     while n >= 1:
         sub = f"steps_{n}"
         spec = {**copy.deepcopy(teacher.spec), "sampler": {**teacher.spec["sampler"], "method": "ddim",
-                                                          "grid": "uniform", "steps": n},
-                "distilled_from": {"teacher_steps": 2 * n, "sampler": "ddim", "grid": "uniform"}}
+                                                          "grid": "uniform", "steps": n, "guidance": 1.0},
+                "distilled_from": {"teacher_steps": 2 * n, "sampler": "ddim", "grid": "uniform",
+                                   "teacher_guidance": guidance}}
         with ctx.run.child_run(f"round_{2 * n}_to_{n}", params={"student_steps": n, "teacher_steps": 2 * n, **resume_key},
                                tags={"stage.round_of": ctx.spec.name}) as child:
             run_id, log_fn = child.run_id, child.log_metrics

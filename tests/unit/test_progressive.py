@@ -105,3 +105,28 @@ def test_bad_input():
         ProgressiveObjective(teacher, teacher.schedule, student_steps=0)
     with pytest.raises(ValueError, match="weighting"):
         ProgressiveObjective(teacher, teacher.schedule, student_steps=2, weighting="snr")
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_first_round_distils_the_teacher_as_it_samples_guided_or_not(tmp_path, guidance):
+    """A guided conditional teacher is distilled through its guided denoiser w D(c) + (1 - w) D(null) (the students
+    then sample unguided); an unguided one through its plain denoiser."""
+    from components.models.store import LoadedModel, build_denoiser
+    from flows.progressive import first_round_teacher
+
+    spec = {"network": {"kind": "mlp", "kwargs": {"data_dim": 2, "width": 16, "depth": 1, "embed_dim": 8,
+                                                  "dropout": 0.0, "num_classes": 3}},
+            "schedule": {"name": "flow", "kwargs": {}}, "prediction": "v", "sigma_data": 1.0, "data_shape": [2],
+            "num_classes": 3, "kind": "points", "objective": "flow",
+            "sampler": {"method": "heun", "grid": "uniform", "steps": 8, "guidance": guidance}}
+    denoiser = build_denoiser(spec)
+    torch.manual_seed(0)
+    denoiser.load_state_dict({k: torch.randn_like(v) for k, v in denoiser.state_dict().items()})
+    teacher = LoadedModel(denoiser.eval(), spec, tmp_path)
+    distilled, w = first_round_teacher(teacher)
+    x, t, c = torch.randn(5, 2), torch.full((5,), 0.4), torch.tensor([0, 1, 2, 0, 1])
+    with torch.no_grad():
+        expected = guidance * denoiser(x, t, c) + (1 - guidance) * denoiser(x, t, torch.full_like(c, 3))
+        assert w == guidance
+        assert torch.allclose(distilled(x, t, c), expected, atol=1e-6)
+        assert (distilled is denoiser) == (guidance == 1.0)
