@@ -36,12 +36,13 @@ def weights_digest(path: Path) -> str:
     return hashlib.md5(Path(path).read_bytes()).hexdigest()[:12]
 
 
-def train_round(spec: dict, previous: torch.nn.Module, student_steps: int, shards: Path, train: dict,
+def train_round(spec: dict, previous: torch.nn.Module, target, student_steps: int, shards: Path, train: dict,
                 weighting: str, checkpoint_dir: Path, export: Path, log_fn) -> dict:
-    """One halving round with the one Trainer; exports the student's EMA weights to `export`."""
+    """One halving round with the one Trainer: the student starts from `previous`'s weights and learns two DDIM
+    steps of `target` (`previous` itself, or the guided teacher in round 1); exports its EMA weights to `export`."""
     student = build_denoiser(spec)
     student.load_state_dict(previous.state_dict())
-    objective = ProgressiveObjective(copy.deepcopy(previous), student.schedule, student_steps, weighting)
+    objective = ProgressiveObjective(copy.deepcopy(target), student.schedule, student_steps, weighting)
     config = TrainConfig(**train)
     loader = make_loader(shards, "train", config.micro_batch_size(1), shuffle=True, seed=config.seed, drop_last=True)
     trainer = Trainer(student, objective, config, checkpoint_dir, log_fn=log_fn,
@@ -80,7 +81,7 @@ def distill(ctx: StageContext) -> dict:
     checkpoint_root = ctx.path(f"checkpoints/progressive/{fingerprint}")
     ctx.run.set_tags({"checkpoint_dir": checkpoint_root.relative_to(ctx.repo)})
 
-    (previous, guidance), students, metrics = first_round_teacher(teacher), {}, {}
+    (target, guidance), previous, students, metrics = first_round_teacher(teacher), teacher.denoiser, {}, {}
     n = p.teacher_steps // 2
     while n >= 1:
         sub = f"steps_{n}"
@@ -92,7 +93,7 @@ def distill(ctx: StageContext) -> dict:
                                tags={"stage.round_of": ctx.spec.name}) as child:
             run_id, log_fn = child.run_id, child.log_metrics
             try:
-                result = train_round(spec, previous, n, shards, {**train, "progress_bar": True}, p.weighting,
+                result = train_round(spec, previous, target, n, shards, {**train, "progress_bar": True}, p.weighting,
                                      checkpoint_root / sub, ctx.out_dir / sub / WEIGHTS_FILE, log_fn)
             except (CheckpointMismatchError, NonFiniteLossError) as e:
                 raise UserError(f"progressive round {2 * n}->{n}: {e}") from None
@@ -100,7 +101,7 @@ def distill(ctx: StageContext) -> dict:
         save_denoiser(ctx.out_dir / sub, torch.load(ctx.out_dir / sub / WEIGHTS_FILE, weights_only=True), spec)
         students[str(n)] = sub
         metrics[f"round_{n}"] = {**result, "mlflow_run_id": run_id}
-        previous = load_denoiser(ctx.out_dir / sub).denoiser
+        previous = target = load_denoiser(ctx.out_dir / sub).denoiser
         n //= 2
     final = load_denoiser(ctx.out_dir / "steps_1")
     save_denoiser(ctx.out_dir, final.denoiser.state_dict(), {**final.spec, "students": students})

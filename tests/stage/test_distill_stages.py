@@ -69,3 +69,22 @@ def test_bad_input_stops_with_one_line(project):
     set_params(project, {"progressive": {"teacher_steps": 8}})
     r = run_flows(project, "consistency")  # no shards, no teacher
     assert r.returncode != 0 and "does not exist" in r.stderr
+
+
+def test_progressive_distils_a_guided_conditional_teacher_into_unguided_students(project):
+    """A conditional teacher sampled with guidance w = 2: round 1 learns the guided teacher's steps, so the students
+    record the teacher's guidance and sample unguided (guiding them again would apply it twice)."""
+    from components.config import DataParams
+    from tests.stage.test_featurizer_stage import conditional_zero_unet, write_shards_for
+
+    write_shards_for(project, DataParams(source="digits"))
+    conditional_zero_unet(project / "models/teacher", guidance=2.0)
+    set_params(project, {"progressive": {"teacher_steps": 2, "steps": 3, "batch_size": 8, "checkpoint_every": 0,
+                                         "log_every": 1}})
+    r = run_flows(project, "progressive")
+    assert r.returncode == 0, r.stderr[-3000:]
+    student = load_denoiser(project / "models/progressive")
+    assert student.spec["sampler"]["guidance"] == 1.0
+    assert student.spec["distilled_from"]["teacher_guidance"] == 2.0
+    cond = torch.arange(4)
+    assert student.sample(torch.randn(4, 1, 8, 8), nfe=1, cond=cond).nfe == 1  # one unguided call
