@@ -320,7 +320,15 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not key:
         raise ParamsError(f"override '{text}' has an empty key")
-    return key, yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        return key, None
+    value = yaml.safe_load(raw)
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(raw.strip()):
+        value = float(raw)  # PyYAML (YAML 1.1) reads 2e-5 as a string; DVC's -S parser (YAML 1.2) as a float
+    return key, value
+
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def apply_overrides(raw: dict, overrides: list[str] | dict[str, Any]) -> dict:

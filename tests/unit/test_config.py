@@ -31,6 +31,9 @@ def test_bad_values_name_the_key_in_one_line(raw, needle):
 def test_overrides_are_parsed_as_yaml_and_validated():
     assert parse_override("shard.val_fraction=0.1") == ("shard.val_fraction", 0.1)
     assert parse_override("data.path=null") == ("data.path", None)
+    # exponent floats without a dot are floats, as DVC's YAML 1.2 parser reads them (PyYAML says "2e-05")
+    assert parse_override("dpo.lr=2e-05") == ("dpo.lr", 2e-05) and parse_override("x=1E3") == ("x", 1000.0)
+    assert parse_override('data.name="2e-5"') == ("data.name", "2e-5")  # quoted stays a string
     raw = apply_overrides({"shard": {"val_fraction": 0.2}}, ["shard.val_fraction=0.3", "data.name=moons"])
     p = validate_params(raw)
     assert p.shard.val_fraction == 0.3 and p.data.name == "moons"
