@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -404,7 +405,10 @@ class Trainer:
         micro_in_step = 0
         lr_of_this_step = float("nan")
         grad_norm: torch.Tensor | float | None = None
+        # Redrawn 10x/s on a terminal; when stderr is a pipe (a stage under `dvc repro` / the pipeline flow, whose
+        # logger turns every redraw into a log line) every 10 s.
         progress = tqdm(total=self.config.steps, initial=self.step, desc="train", dynamic_ncols=True,
+                        mininterval=0.1 if sys.stderr.isatty() else 10.0,
                         disable=self.rank != 0 or not self.config.progress_bar)
         try:
             for batch in iterator:
