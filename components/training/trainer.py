@@ -296,7 +296,7 @@ class Trainer:
         if differing:
             raise CheckpointMismatchError(
                 f"checkpoint {self.checkpoint_dir / tag} was written with a different fingerprint; "
-                f"differing keys: {', '.join(differing)}"
+                f"differing keys: {', '.join(differing)}; delete {self.checkpoint_dir} to train from scratch"
             )
         if state["step"] == self.step and self._last_saved_step == self.step:
             return True  # this very object wrote it: already in that state

@@ -127,7 +127,7 @@ def test_fingerprint_or_architecture_mismatch_names_the_keys(tmp_path: Path) -> 
     config = _config(steps=2)
     Trainer(_regressor(), _noisy_loss, config, tmp_path, fingerprint={"model": {"width": 16, "depth": 2}}).fit(_stream(8))
     other = Trainer(_regressor(), _noisy_loss, config, tmp_path, fingerprint={"model": {"width": 32, "depth": 2}})
-    with pytest.raises(CheckpointMismatchError, match=r"differing keys: model\.width$"):
+    with pytest.raises(CheckpointMismatchError, match=r"differing keys: model\.width; delete .+ to train from scratch$"):
         other.fit(_stream(8))
     # Another architecture under the same user fingerprint: still a clear error, not a shape traceback.
     wider = Trainer(_regressor(hidden=32), _noisy_loss, config, tmp_path, fingerprint={"model": {"width": 16, "depth": 2}})
