@@ -312,6 +312,9 @@ class Params(Section):
         return getattr(self, name)
 
 
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 2e-5, 1.5E3, .5e1
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`a.b=value` -> ("a.b", yaml-parsed value). The same syntax as `dvc exp run --set-param`."""
     if "=" not in text:
@@ -326,9 +329,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(raw.strip()):
         value = float(raw)  # PyYAML (YAML 1.1) reads 2e-5 as a string; DVC's -S parser (YAML 1.2) as a float
     return key, value
-
-
-_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def apply_overrides(raw: dict, overrides: list[str] | dict[str, Any]) -> dict:

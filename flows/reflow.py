@@ -115,16 +115,15 @@ def train_reflow(ctx: StageContext) -> dict:
 
     if p.distill_nfe:
         save_denoiser(ctx.out_dir / "rectified", state, spec)  # the k-RF model before distillation
-        # Trained on the labels without dropout and without guidance: the coupling already carries the teacher's
-        # guided samples, so the distilled student samples unguided.
-        distill_spec = {**spec, "objective": "reflow_distill",
-                        "sampler": {**spec["sampler"], "steps": p.distill_nfe, "guidance": 1.0}}
+        # Unguided like the k-RF model (student_spec): the coupling already carries a guided teacher's guidance.
+        distill_spec = {**spec, "objective": "reflow_distill", "sampler": {**spec["sampler"], "steps": p.distill_nfe}}
         distill_train = {**train, "steps": p.distill_steps}
-        export = root / "distill" / "export.pt"
+        distill_dir = root / f"distill{p.distill_nfe}"  # another step count is another run, not a resume
+        export = distill_dir / "export.pt"
         with ctx.run.child_run(f"reflow-distill-{p.distill_nfe}-step", tags={"reflow.distill_nfe": p.distill_nfe,
                                                                             "reflow.parent_stage": "reflow"}) as child:
             result, _ = _train(distill_spec, state, EulerDistillObjective(p.distill_nfe), coupling, distill_train,
-                               root / "distill" / "ckpt", export, child.log_metrics, p.torch_threads,
+                               distill_dir / "ckpt", export, child.log_metrics, p.torch_threads,
                                {"spec": distill_spec})
             state, spec = torch.load(export, weights_only=True), distill_spec
             distilled = loaded_from_state(spec, state, ctx.out_dir)
@@ -172,7 +171,7 @@ def round_report(model: LoadedModel, noise, cond, coupling, result, resumed: int
             "coupling_cost_over_assignment": diagnostics["cost_over_assignment"]}
 
 
-@flow(name="reflow", description="Rectified flow (k rounds, optional one-step distillation) -> models/reflow/.")
+@flow(name="reflow", description="Rectified flow (k rounds), distilled into reflow.distill_nfe Euler steps.")
 def flow_fn():
     return run_stage_in_flow(SPEC, train_reflow)
 

@@ -6,10 +6,12 @@ import json
 import pytest
 import torch
 
+from components.config import DataParams
 from components.data.shards import read_split
 from components.evaluation.metrics import sliced_wasserstein2
 from components.models.store import load_denoiser
 from tests.conftest import run_flows, set_params
+from tests.stage.test_featurizer_stage import conditional_zero_unet, write_shards_for
 
 
 
@@ -74,9 +76,6 @@ def test_bad_input_stops_with_one_line(project):
 def test_progressive_distils_a_guided_conditional_teacher_into_unguided_students(project):
     """A conditional teacher sampled with guidance w = 2: round 1 learns the guided teacher's steps, so the students
     record the teacher's guidance and sample unguided (guiding them again would apply it twice)."""
-    from components.config import DataParams
-    from tests.stage.test_featurizer_stage import conditional_zero_unet, write_shards_for
-
     write_shards_for(project, DataParams(source="digits"))
     conditional_zero_unet(project / "models/teacher", guidance=2.0)
     set_params(project, {"progressive": {"teacher_steps": 2, "steps": 3, "batch_size": 8, "checkpoint_every": 0,
