@@ -1,8 +1,13 @@
 """Metrics with 95% intervals for the evaluation protocol v2 (DESIGN.md, "Uncertainty").
 
 Every value comes with an interval:
-- sw2 and mmd: value +- 1.96 sd, the sd from `CHUNKS` disjoint chunk pairs (generated chunk k vs reference chunk k)
-  scaled to the full size (subsampling). A percentile bootstrap was tried first and covered the closed-form SW2 of
+- sw2 and mmd: value +- 1.96 sd, with Var = N_n + S_m m / n: N_n the variance of the metric between real sets at
+  the full size n (the floor draws' sd^2), S_m = max(V_m - N_m, 0) the extra variance of the model's chunks,
+  V_m the variance over `CHUNKS` disjoint chunk pairs of m = n / CHUNKS (generated chunk k vs reference chunk k)
+  and N_m the same for real chunks. Near the floor these distances are degenerate statistics whose sd falls like
+  1/n (floor sd at 2k: 0.016, at 10k: 0.0035 on the checkerboard), away from it like 1/sqrt(n); scaling the
+  whole chunk variance by m / n (plain subsampling) made near-floor intervals ~3x too wide. Without floors
+  (N = 0) this is plain subsampling. A percentile bootstrap was tried first and covered the closed-form SW2 of
   two Gaussians in only 14 of 40 repeats: resampling cannot reproduce the variability of the extreme quantiles
   that dominate W2 between sets of different spread; independent chunks can.
 - w2 (exact, POT): mean over `W2_SUBSETS` disjoint subset pairs of `W2_SUBSET_SIZE` points; interval mean +- t sd/sqrt(K).
@@ -128,6 +133,9 @@ class PointMetrics:
 
     def __init__(self, dim: int, seed: int = 0, n_directions: int = SW2_DIRECTIONS) -> None:
         self.directions = fixed_directions(dim, n_directions, seed)
+        # Null variances (real vs real) at the full size n and at the chunk size m, set by `floors`.
+        self.null_var: dict[str, float] = {}
+        self.null_chunk_var: dict[str, float] = {}
         g = torch.Generator().manual_seed(seed + 1)
         freqs = [torch.randn(RFF_PER_BANDWIDTH, dim, generator=g, dtype=torch.float64) / h for h in MMD_BANDWIDTHS]
         self.rff = torch.cat(freqs)
@@ -164,6 +172,17 @@ class PointMetrics:
 
     def sw2_mmd(self, gen: PointSet, ref: PointSet, chunks: int = CHUNKS) -> dict[str, Estimate]:
         """sw2 and mmd of `gen` against `ref`, intervals from disjoint chunk pairs."""
+        values, chunk_values, m = self._with_chunks(gen, ref, chunks)
+        n = min(gen.n, ref.n)
+        out = {}
+        for name in ("sw2", "mmd"):
+            extra = max(float(np.var(chunk_values[name], ddof=1)) - self.null_chunk_var.get(name, 0.0), 0.0)
+            sd = math.sqrt(self.null_var.get(name, 0.0) + extra * m / n)
+            out[name] = Estimate(values[name], max(0.0, values[name] - Z95 * sd), values[name] + Z95 * sd)
+        return out
+
+    def _with_chunks(self, gen: PointSet, ref: PointSet, chunks: int):
+        """Full-size sw2 and mmd, and their values on `chunks` disjoint chunk pairs of m rows."""
         m = min(gen.n, ref.n) // chunks
         rows = chunks * m
 
@@ -172,17 +191,25 @@ class PointMetrics:
             return torch.sort(proj, dim=2).values, points.features[:rows].reshape(chunks, m, -1).mean(1)
 
         (gen_sorted, gen_mean), (ref_sorted, ref_mean) = chunked(gen), chunked(ref)
-        sw2_chunks = ((gen_sorted - ref_sorted) ** 2).mean(2).mean(0).sqrt().tolist()
-        mmd_chunks = ((gen_mean - ref_mean) ** 2).sum(1).tolist()
-        return {"sw2": chunk_interval(self.sw2_value(gen, ref), sw2_chunks, m, min(gen.n, ref.n)),
-                "mmd": chunk_interval(self.mmd_value(gen, ref), mmd_chunks, m, min(gen.n, ref.n))}
+        chunk_values = {"sw2": ((gen_sorted - ref_sorted) ** 2).mean(2).mean(0).sqrt().numpy(),
+                        "mmd": ((gen_mean - ref_mean) ** 2).sum(1).numpy()}
+        return {"sw2": self.sw2_value(gen, ref), "mmd": self.mmd_value(gen, ref)}, chunk_values, m
 
-    def floors(self, real_sets: list[PointSet], ref: PointSet) -> dict[str, Floor]:
-        """Each metric between `ref` and every real set (disjoint from it): mean and sd over the draws."""
-        sw2 = [self.sw2_value(r, ref) for r in real_sets]
-        mmd = [self.mmd_value(r, ref) for r in real_sets]
-        w2 = [float(self.w2_values(r, ref).mean()) for r in real_sets]
-        return {name: _floor(values) for name, values in (("sw2", sw2), ("mmd", mmd), ("w2", w2))}
+    def floors(self, real_sets: list[PointSet], ref: PointSet, chunks: int = CHUNKS) -> dict[str, Floor]:
+        """Each metric between `ref` and every real set (disjoint from it): mean and sd over the draws. Also records
+        the null variances at full and chunk size that `sw2_mmd` intervals use."""
+        full: dict[str, list[float]] = {"sw2": [], "mmd": []}
+        chunk_var: dict[str, list[float]] = {"sw2": [], "mmd": []}
+        for real in real_sets:
+            values, chunk_values, _ = self._with_chunks(real, ref, chunks)
+            for name in full:
+                full[name].append(values[name])
+                chunk_var[name].append(float(np.var(chunk_values[name], ddof=1)))
+        floors = {name: _floor(v) for name, v in full.items()}
+        self.null_var = {name: floors[name].sd ** 2 for name in full}
+        self.null_chunk_var = {name: float(np.mean(v)) for name, v in chunk_var.items()}
+        floors["w2"] = _floor([float(self.w2_values(r, ref).mean()) for r in real_sets])
+        return floors
 
 
 def _w2sq_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -200,14 +227,6 @@ def _w2sq_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     ia = torch.clamp((mid * n).floor().long(), max=n - 1)
     ib = torch.clamp((mid * m).floor().long(), max=m - 1)
     return ((a[:, ia] - b[:, ib]) ** 2 * widths).sum(1)
-
-
-def chunk_interval(value: float, chunk_values, chunk_size: int, n: int) -> Estimate:
-    """value +- 1.96 sd, the sd of the full-size estimate taken from the spread of the estimate on `chunk_values`
-    (disjoint chunk pairs of `chunk_size`) scaled by sqrt(chunk_size / n) (subsampling: an estimate from n points
-    varies like 1/sqrt(n)). Clamped at 0: every protocol distance is >= 0."""
-    sd = float(np.std(chunk_values, ddof=1)) * math.sqrt(chunk_size / n)
-    return Estimate(float(value), max(0.0, value - Z95 * sd), value + Z95 * sd)
 
 
 def _percentile(value: float, replicates: np.ndarray) -> Estimate:
