@@ -191,7 +191,18 @@ class StageRun:
                 mlflow.log_params({k: ("null" if v is None else v) for k, v in flatten(params).items()})
             yield ChildRun(run.info.run_id, mlflow)
 
+    def abandon(self) -> None:
+        """Forget the run in this process without telling the (unreachable) server: no end_run now or at exit.
+        The stage's next run closes it (flows/stage.py `settle_previous_run`)."""
+        self._abandoned = True
+        from mlflow.tracking import fluent
+
+        with contextlib.suppress(Exception):  # private API; worst case MLflow retries end_run at exit
+            fluent._active_run_stack.get().clear()
+
     def __exit__(self, exc_type, exc, tb) -> None:
+        if getattr(self, "_abandoned", False):
+            return
         self._mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
 
 
