@@ -171,6 +171,11 @@ class HolderLock:
         self.record.update(info)
         self._write()
 
+    def restore_previous(self) -> None:
+        """Put back the previous holder's record (for a short maintenance hold that must not hide a crash)."""
+        self.record = dict(self.previous)
+        self._write()
+
     def _write(self) -> None:
         self._file.seek(0)
         self._file.truncate()

@@ -1,6 +1,7 @@
 """Command line: `python -m flows <stage>` runs one stage as a Prefect flow (this is what dvc.yaml calls).
 
-Other commands: `pipeline`, `serve`, `lineage`, `list`, `check-params`, `server start|stop|status`.
+Other commands: `pipeline`, `serve`, `lineage`, `list`, `check-params`, `clean-checkpoints`,
+`server start|stop|status`.
 Run `python -m flows --help`.
 """
 from __future__ import annotations
@@ -30,8 +31,10 @@ def run_stage_command(stage: str) -> int:
     configure_prefect(root)
     exit_with_parent()
     module = importlib.import_module({**STAGES, **TOOLS}[stage])
+    import flows.stage
     from flows.stage import COMPLETED
 
+    flows.stage.EXIT_IF_PREFECT_LOST = True
     try:
         state = module.flow_fn(return_state=True)
     except Exception as e:  # Prefect could not record the flow run's end (server gone)
@@ -103,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     pipe.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="param override written to params.yaml and saved as a DVC experiment (repeatable)")
     pipe.add_argument("--name", dest="run_name", default=None, help="MLflow parent run / DVC experiment name")
+    cln = sub.add_parser("clean-checkpoints", help="remove checkpoints/<stage>/<fingerprint>/ dirs no current "
+                         "output needs (keeps each output's own and the newest per stage)")
+    cln.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     sub.add_parser("serve", help="serve the pipeline and each stage as Prefect deployments (runs until Ctrl-C)")
     lin = sub.add_parser("lineage", help="print the chain of MLflow runs from a run (or a stage's output) to the data")
     lin.add_argument("ref", help="an MLflow run id or a stage name (the run that produced its current output)")
@@ -126,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
             from flows.pipeline import run_pipeline_command
 
             return run_pipeline_command(args.targets, args.force, args.overrides, args.run_name)
+        if args.command == "clean-checkpoints":
+            from flows.clean import clean_command
+            from flows.runtime import repo_root
+
+            return clean_command(repo_root(), args.dry_run)
         if args.command == "serve":
             from flows.serve import serve_command
 
