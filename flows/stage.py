@@ -26,10 +26,9 @@ from components.config import Params, load_params
 from components.errors import DataError, UserError
 from components.io import (HolderLock, LockHeld, atomic_output_dir, describe_holder, file_records, read_json,
                            remove_stale_temp_dirs, verify_file_records, write_json)
-from components.tracking.lineage import (MANIFEST, StageRun, describe_input, dvc_lock_digest, git_commit,
-                                         resolve_tracking_uri)
+from components.tracking.lineage import (MANIFEST, StageRun, describe_input, dvc_lock_digest, end_abandoned_run,
+                                         git_commit, resolve_tracking_uri)
 from components.tracking.registry import MODEL_SPEC_FILE, check_tracking_server, log_and_register_model
-from components.tracking.runs import end_abandoned_run
 from flows.runtime import repo_root
 
 

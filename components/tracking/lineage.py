@@ -217,3 +217,24 @@ class ChildRun:
         clean = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if clean:
             self._mlflow.log_metrics(clean, step=step)
+
+
+def end_abandoned_run(tracking_uri: str, run_id: str, status: str, note: str) -> list[str]:
+    """End a run, and its child runs, still RUNNING after the process that owned it died; returns the ids ended.
+
+    `status` is FAILED for a killed stage, FINISHED for one whose work completed but which could not end its run
+    (tracking server unreachable at the end). `note` goes into the `stage.ended_by` tag.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    ended = []
+    children = client.search_runs([run.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'")
+    for r in [*children, run]:
+        if r.info.status == "RUNNING":
+            client.set_tag(r.info.run_id, "stage.ended_by", note)
+            client.set_terminated(r.info.run_id, status=status)
+            ended.append(r.info.run_id)
+    return ended
