@@ -195,7 +195,7 @@ def check_inputs(repo: Path, spec: StageSpec, input_paths: tuple[str, ...]) -> N
             problem = verify_file_records(path, records)
             if problem:
                 rebuild = f"`dvc repro -f {producer}`" if producer else "its producing stage"
-                raise DataError(f"{problem}; restore it with `dvc checkout {rel}` or rebuild it with {rebuild}")
+                raise DataError(f"{problem}; restore it with `dvc checkout --force {rel}` or rebuild it with {rebuild}")
 
 
 def check_writable(repo: Path, spec: StageSpec) -> None:

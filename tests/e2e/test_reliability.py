@@ -139,7 +139,7 @@ def test_a_truncated_input_is_one_line_and_records_nothing(taught_project):
     line = one_error_line(r)
     print(f"truncated shard refused in {time.time() - started:.1f} s (whole CLI, loaded machine)")
     assert f"{shard} has {len(intact) // 2} bytes, its manifest says {len(intact)}" in line
-    assert "dvc checkout data/shards" in line
+    assert "dvc checkout --force data/shards" in line
     assert len(client.search_runs(experiments)) == runs_before
 
 
