@@ -11,6 +11,9 @@ import os
 import sys
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "true")
+# No telemetry from MLflow or the Prefect SDK: stages run offline, and MLflow's client would start a thread
+# that fetches its config over the network in every stage process.
+os.environ.setdefault("DO_NOT_TRACK", "true")
 
 from components.errors import UserError  # noqa: E402  (light imports only before the stage runs)
 from flows import STAGES, TOOLS  # noqa: E402
