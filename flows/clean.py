@@ -7,25 +7,23 @@ A stage that is running (its lock is held) is left alone.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
-import yaml
-
 from components.io import HolderLock, LockHeld, describe_holder, read_json
+from components.tracking.lineage import MANIFEST, dvc_stages, entry_paths, run_record_path
 from flows.stage import LOCK_DIR
 
 
 def current_checkpoint_dirs(root: Path) -> set[str]:
-    """checkpoints/... directories named by the manifests of the outputs declared in dvc.yaml."""
-    stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {}
+    """checkpoints/... directories the current outputs were trained in: named by the manifests of the outputs
+    declared in dvc.yaml or by the stages' run records (data/<stage>/run.json)."""
     keep = set()
-    for stage in stages.values():
-        for out in stage.get("outs") or []:
-            rel = next(iter(out)) if isinstance(out, dict) else out
-            manifest = root / rel / "manifest.json"
-            if manifest.is_file():
-                named = read_json(manifest).get("checkpoint_dir")
+    for name, stage in dvc_stages(root).items():
+        for path in [root / rel / MANIFEST for rel in entry_paths(stage.get("outs"))] + [run_record_path(root, name)]:
+            with contextlib.suppress(OSError, ValueError):
+                named = read_json(path).get("checkpoint_dir")
                 if isinstance(named, str):
                     keep.add(Path(named).as_posix())
     return keep
