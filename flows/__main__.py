@@ -45,7 +45,10 @@ def _run_stage(stage: str, root) -> int:
     from components.config import load_params
     from flows.runtime import configure_prefect
 
+    from flows.stage import check_declared_inputs
+
     load_params(root / "params.yaml")  # fail fast, before any server or output is touched
+    check_declared_inputs(root, stage)
     configure_prefect(root)
     exit_with_parent()
     module = importlib.import_module({**STAGES, **TOOLS}[stage])

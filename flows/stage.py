@@ -106,7 +106,7 @@ def run_stage(spec: StageSpec, body: Callable[[StageContext], Optional[dict]],
     params = params or load_params(repo / "params.yaml")
     input_paths = stage_inputs(repo, spec)
     producers = output_producers(repo)
-    check_inputs(repo, spec, input_paths, producers)
+    check_inputs(repo, spec.name, input_paths, producers)
     check_writable(repo, spec)
     out = repo / spec.output
     stage_params = used_params(params, spec.sections)
@@ -169,15 +169,19 @@ FILES_KEY = "files"  # manifest entry: {relative path: {"size", "md5"}} of every
 LOCK_DIR = "checkpoints/.locks"
 
 
-def check_inputs(repo: Path, spec: StageSpec, input_paths: tuple[str, ...], producers: dict[str, str]) -> None:
+def check_inputs(repo: Path, stage: str, input_paths, producers: dict[str, str], missing_ok: bool = False) -> None:
     """Every input exists and, when its manifest lists its files, matches them (sizes, then md5): a truncated
     shard or a corrupt model stops the stage at once with one line naming the file."""
     for rel in input_paths:
         path = repo / rel
         producer = producers.get(rel)
         if not path.exists():
+            if missing_ok:
+                continue
             hint = f" (run `dvc repro {producer}` first)" if producer else ""
-            raise DataError(f"stage '{spec.name}' needs {rel}, which does not exist{hint}")
+            raise DataError(f"stage '{stage}' needs {rel}, which does not exist{hint}")
+        if path.resolve() in _VERIFIED:
+            continue
         manifest_file = path / MANIFEST
         records = read_json(manifest_file).get(FILES_KEY) if manifest_file.is_file() else None
         if records:
@@ -185,6 +189,18 @@ def check_inputs(repo: Path, spec: StageSpec, input_paths: tuple[str, ...], prod
             if problem:
                 rebuild = f"`dvc repro -f {producer}`" if producer else "its producing stage"
                 raise DataError(f"{problem}; restore it with `dvc checkout --force {rel}` or rebuild it with {rebuild}")
+        _VERIFIED.add(path.resolve())
+
+
+_VERIFIED: set[Path] = set()  # inputs already checked by this process
+
+
+def check_declared_inputs(repo: Path, stage: str) -> None:
+    """Check the stage's dvc.yaml inputs that exist, before Prefect, MLflow and torch are imported: a damaged
+    input is reported in about a second instead of after the stage's set-up."""
+    producers = output_producers(repo)
+    deps = [d for d in declared_deps(repo, stage) if d in producers and producers[d] != stage]
+    check_inputs(repo, stage, deps, producers, missing_ok=True)
 
 
 def check_writable(repo: Path, spec: StageSpec) -> None:

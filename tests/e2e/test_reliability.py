@@ -148,7 +148,7 @@ def test_clean_checkpoints_keeps_what_outputs_need(taught_project):
     current = json.loads((taught_project / "models/teacher/manifest.json").read_text())["checkpoint_dir"]
     old = taught_project / "checkpoints/teacher/0123456789ab/step00000010"
     old.mkdir(parents=True)
-    (old / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 250_000)
+    (old / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 300_000)
     past = time.time() - 86400
     for p in (old / "mp_rank_00_model_states.pt", old, old.parent):
         os.utime(p, (past, past))
