@@ -21,8 +21,7 @@ from components.training.reflow_training import (chunk_noise, coupling_error, ge
                                                  write_coupling_shards)
 from flows.stage import StageContext, StageSpec, read_manifest, run_stage_in_flow
 
-SPEC = StageSpec(name="couplings", output="data/couplings/pairs", inputs=("models/teacher",), sections=("couplings",),
-                 produced_by={"models/teacher": "teacher"})
+SPEC = StageSpec(name="couplings", output="data/couplings/pairs", sections=("couplings",))
 
 
 def teacher_identity(teacher_dir) -> dict:

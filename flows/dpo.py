@@ -28,14 +28,12 @@ from components.training.trainer import CheckpointMismatchError, NonFiniteLossEr
 from flows.runtime import repo_root
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
-SPEC = StageSpec(name="dpo", output="models/dpo", inputs=("data/pairs", "models/teacher"),
-                 sections=("preferences", "dpo"), produced_by={"data/pairs": "preferences", "models/teacher": "teacher"})
+SPEC = StageSpec(name="dpo", output="models/dpo", inputs=("data/pairs", "models/teacher"), sections=("preferences", "dpo"))
 
 
 def resolve_spec(params: Params) -> StageSpec:
     reference = f"models/{params.preferences.model}"
-    return dataclasses.replace(SPEC, inputs=("data/pairs", reference),
-                               produced_by={"data/pairs": "preferences", reference: params.preferences.model})
+    return dataclasses.replace(SPEC, inputs=("data/pairs", reference))
 
 
 def train_dpo(ctx: StageContext) -> dict:

@@ -28,8 +28,7 @@ from components.training.denoiser_training import run_fingerprint, set_torch_thr
 from components.training.trainer import CheckpointMismatchError, NonFiniteLossError, Trainer, TrainConfig
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
-SPEC = StageSpec(name="progressive", output="models/progressive", inputs=("data/shards", "models/teacher"),
-                 sections=("progressive",), produced_by={"data/shards": "shard", "models/teacher": "teacher"})
+SPEC = StageSpec(name="progressive", output="models/progressive", sections=("progressive",))
 
 
 def weights_digest(path: Path) -> str:

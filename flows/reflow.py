@@ -35,9 +35,7 @@ from flows.couplings import teacher_identity
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
 COUPLINGS = "data/couplings/pairs"  # the couplings stage's output (its metrics live beside it)
-SPEC = StageSpec(name="reflow", output="models/reflow", inputs=(COUPLINGS, "models/teacher"),
-                 sections=("couplings", "reflow"),
-                 produced_by={COUPLINGS: "couplings", "models/teacher": "teacher"})
+SPEC = StageSpec(name="reflow", output="models/reflow", sections=("couplings", "reflow"))
 DIAGNOSTIC_PAIRS = 512  # at most this many noise draws / pairs for straightness and coupling diagnostics
 STRAIGHTNESS_STEPS = 32
 
