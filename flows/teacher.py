@@ -19,7 +19,7 @@ from components.training.distributed import launch_ranks
 from components.training.trainer import CheckpointMismatchError, NonFiniteLossError
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
-SPEC = StageSpec(name="teacher", output="models/teacher", sections=("data", "model", "teacher", "distributed"))
+SPEC = StageSpec(name="teacher", output="models/teacher", sections=("data", "model", "teacher"))
 
 
 def train_teacher(ctx: StageContext) -> dict:
