@@ -102,6 +102,15 @@ class _Exploit:
         return (open, (self.path, "w"))
 
 
+def test_one_process_opens_no_listener_outside_loopback(tmp_path: Path) -> None:
+    import psutil
+
+    _tiny_trainer(tmp_path / "ck", 2).fit(_batches())
+    listening = {c.laddr for c in psutil.Process().net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+    # No rendezvous store at all (in-process HashStore); gloo's own socket is bound to the loopback interface.
+    assert all(address.ip in ("127.0.0.1", "::1") for address in listening), listening
+
+
 def test_steps_below_the_checkpoint_step_is_a_one_line_error(tmp_path: Path) -> None:
     ck = tmp_path / "ck"
     _tiny_trainer(ck, 4).fit(_batches())
