@@ -106,8 +106,8 @@ def distill(ctx: StageContext) -> dict:
     save_denoiser(ctx.out_dir, final.denoiser.state_dict(), {**final.spec, "students": students})
     ctx.manifest.update({"students": students, "teacher_steps": p.teacher_steps,
                          "checkpoint_dir": str(checkpoint_root.relative_to(ctx.repo))})
-    return {"rounds": {k: {m: v for m, v in r.items() if m != "mlflow_run_id"} for k, r in metrics.items()},
-            "round_run_ids": {k: r["mlflow_run_id"] for k, r in metrics.items()}}
+    ctx.record["round_run_ids"] = {k: r["mlflow_run_id"] for k, r in metrics.items()}
+    return {"rounds": {k: {m: v for m, v in r.items() if m != "mlflow_run_id"} for k, r in metrics.items()}}
 
 
 @flow(name="progressive", description="Progressive distillation of the teacher down to 1 step -> models/progressive/.")

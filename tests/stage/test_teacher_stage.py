@@ -13,7 +13,7 @@ import torch
 from components.data.shards import read_split
 from components.evaluation.metrics import mmd_rbf, sliced_wasserstein2
 from components.models.store import load_denoiser
-from tests.conftest import project_env, run_flows, set_params
+from tests.conftest import project_env, run_flows, set_params, run_record
 
 TINY = {"steps": 400, "batch_size": 256, "checkpoint_every": 100, "log_every": 50, "plot_samples": 200,
         "warmup_steps": 20, "lr": 0.003}
@@ -50,7 +50,7 @@ def test_teacher_learns_and_its_samples_beat_noise(taught_template):
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{sharded / 'mlflow.db'}")
-    run_id = json.loads((out / "manifest.json").read_text())["lineage"]["mlflow_run_id"]
+    run_id = run_record(sharded, "teacher")["mlflow_run_id"]
     losses = [m.value for m in client.get_metric_history(run_id, "loss")]
     assert len(losses) >= 5 and losses[-1] < losses[0]  # the training loss went down
     assert client.get_run(run_id).data.tags["upstream.shard.run_id"]
