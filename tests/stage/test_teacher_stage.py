@@ -77,7 +77,7 @@ def test_killed_teacher_resumes_from_its_last_checkpoint(sharded):
 
 
 def test_teacher_on_two_ranks(sharded):
-    set_params(sharded, {"teacher": {**TINY, "steps": 20, "processes": 2, "batch_size": 128}})
+    set_params(sharded, {"teacher": {**TINY, "steps": 20, "batch_size": 128}, "distributed": {"processes_per_node": 2}})
     r = run_flows(sharded, "teacher")
     assert r.returncode == 0, r.stderr[-3000:]
     m = _metrics(sharded)
@@ -94,7 +94,8 @@ def test_teacher_without_shards_says_what_to_run(project):
 
 @pytest.mark.parametrize("update, message", [
     ({"objective": "score"}, "teacher.objective"),
-    ({"batch_size": 100, "processes": 3}, "teacher.batch_size 100 is not divisible by processes x grad_accum = 3"),
+    ({"batch_size": 100, "grad_accum": 3}, "teacher.batch_size 100 is not divisible by distributed.processes_per_node "
+                                           "x distributed.nodes x teacher.grad_accum = 1 x 1 x 3 = 3"),
     ({"sampler": {"method": "heun", "grid": "auto", "steps": 0, "guidance": 1.0}}, "teacher.sampler.steps"),
 ])
 def test_bad_teacher_params_are_one_line(project, update, message):
