@@ -104,6 +104,34 @@ def broadcast_from_rank0(value: Any) -> Any:
     return box[0]
 
 
+def rank_share(n: int) -> range:
+    """The items of 0..n-1 this rank works on when a sampling job is split over the ranks: rank, rank + world, ...
+
+    Strided, so every rank gets n // world or one more; with one process it is all of them. Merge the results by
+    item index (:func:`merge_by_index`, or files named by index) and the output is the one process's output.
+    """
+    rank, world = world_info()
+    return range(rank, n, world)
+
+
+def merge_by_index(local: dict[int, Any]) -> list[Any]:
+    """Every rank's ``{item index: result}`` merged into one list ordered by index, on every rank.
+
+    With the per-item seeds fixed by index, this is the same list one process computing every item would give.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list[dict[int, Any] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+        local = {k: v for part in parts for k, v in (part or {}).items()}
+    return [local[i] for i in sorted(local)]
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op for one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def node_rank(nodes: int) -> int:
     """This machine's node rank: 0 on one node, else NODE_RANK or SLURM_NODEID (a UserError when neither is set)."""
     if nodes == 1:
