@@ -23,6 +23,7 @@ from components.evaluation import validate_metrics_schema
 from components.evaluation.protocol import toy_heldout
 from components.evaluation.uncertainty import PointMetrics
 from components.models.store import build_denoiser, load_denoiser, save_denoiser
+from components.tracking.lineage import content_digest, run_record_path
 from tests.conftest import commit_all, project_env, run_flows, set_params
 
 SIGMA_DATA = 0.5
@@ -39,13 +40,15 @@ def tiny_spec() -> dict:
 
 
 def write_zero_model(directory, run_id: str = "run-of-the-teacher", manifest: bool = True, weights: bool = True):
-    """A saved model whose network outputs 0 (so D = c_skip x), with a lineage manifest like a stage writes."""
+    """A saved model whose network outputs 0 (so D = c_skip x), with a manifest and a run record like a stage writes."""
     spec = tiny_spec()
     state = {k: torch.zeros_like(v) for k, v in build_denoiser(spec).state_dict().items()}
     save_denoiser(directory, state, spec)
     if manifest:
-        (directory / "manifest.json").write_text(json.dumps({"lineage": {"stage": "teacher", "mlflow_run_id": run_id,
-                                                                          "git_commit": "abc"}}))
+        (directory / "manifest.json").write_text(json.dumps({"lineage": {"stage": "teacher"}}))
+        record = run_record_path(directory.parents[1], directory.name)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write_json(record, {"mlflow_run_id": run_id, "git_commit": "abc", "output_digest": content_digest(directory)})
     if not weights:
         (directory / "model.pt").unlink()
 
@@ -154,12 +157,12 @@ def test_evaluate_writes_valid_metrics_report_and_mlflow_run_and_reruns_identica
     assert "headline.json" in shown.stdout and '"best_nfe"' in shown.stdout
     manifest = json.loads((report / "manifest.json").read_text())
     assert manifest["skipped_models"] == ["not_a_stage"]
-    assert manifest["lineage"]["inputs"][-1]["run_id"] == "run-of-the-teacher"
+    assert manifest["lineage"]["inputs"][-1]["path"] == "models/teacher"
 
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    run = client.get_run(manifest["lineage"]["mlflow_run_id"])
+    run = client.get_run(json.loads((project / "data/evaluate/run.json").read_text())["mlflow_run_id"])
     assert run.data.tags["upstream.teacher.run_id"] == "run-of-the-teacher"
     # quality vs NFE is a series per model (step = NFE): a chart in the MLflow UI
     history = client.get_metric_history(run.info.run_id, "teacher.best.sw2_ratio")
