@@ -193,7 +193,19 @@ def launch_ranks(n: int, argv: list[str], env: dict[str, str] | None = None, *, 
         child_env.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())  # ranks' gloo sockets on loopback only
     if env:
         child_env.update(env)
-    return subprocess.run(command, env=child_env, check=False).returncode
+    return subprocess.run(command, env=child_env, check=False, preexec_fn=_die_with_parent).returncode
+
+
+def _die_with_parent() -> None:
+    """In a launched child (before exec): get SIGTERM when the launching process dies, even by SIGKILL, so the
+    ranks never outlive their stage (Linux PR_SET_PDEATHSIG; a no-op elsewhere)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def skip_deepspeed_cpu_shm_op() -> None:
