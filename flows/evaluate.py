@@ -203,6 +203,7 @@ def evaluate_models(ctx: StageContext, skipped: tuple[str, ...] = ()) -> dict:
     models = {name: load_model(ctx.path(f"models/{name}"), data_manifest["shape"]) for name in names}
     # One thread for MLPs: on 2 busy cores, 2 threads made 2-D sampling 5x slower (thread sync dominates).
     set_torch_threads(models[names[0]].spec)
+    progress(f"reference: held-out sets and {protocol.FLOOR_DRAWS} floor draws")
     try:
         reference = build_reference(ctx, kind, dataset, progress)
     except ValueError as e:
