@@ -191,8 +191,15 @@ def model_plots(name: str, result: protocol.ModelResult, states, reference: prot
 
 
 def evaluate_models(ctx: StageContext, skipped: tuple[str, ...] = ()) -> dict:
-    p = ctx.params.evaluate
     progress = protocol.Progress(_log().info)
+    try:
+        return evaluate_with_progress(ctx, progress, skipped)
+    finally:
+        progress.close()
+
+
+def evaluate_with_progress(ctx: StageContext, progress: protocol.Progress, skipped: tuple[str, ...]) -> dict:
+    p = ctx.params.evaluate
     data_manifest = read_shard_manifest(ctx.path("data/shards"))
     kind = data_manifest["kind"]
     dataset = data_manifest["source"].get("name") or data_manifest["source"]["source"]
