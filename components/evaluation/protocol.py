@@ -391,7 +391,7 @@ class Progress:
         self._thread.start()
 
     def _beat(self, heartbeat: float) -> None:
-        while not self._stop.wait(1.0):
+        while not self._stop.wait(min(1.0, heartbeat / 3)):
             if time.perf_counter() - self._last >= heartbeat:
                 self(f"... still on: {self._current}")
 
