@@ -91,6 +91,15 @@ def stage_inputs(repo: Path, spec: StageSpec) -> tuple[str, ...]:
     return tuple(spec.inputs)
 
 
+VERSION_TAGS = ("stage", "git.commit", "dvc.lock.digest", "params.digest")  # + upstream.<stage>.run_id
+
+
+def headline_numbers(metrics: dict, limit: int = 20) -> dict[str, float]:
+    """The stage's top-level numeric metrics (what a registered version carries as tags)."""
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return dict(list(numbers.items())[:limit])
+
+
 def used_params(params: Params, sections: tuple[str, ...]) -> dict[str, Any]:
     return {s: params.section(s).model_dump(mode="json") for s in sections}
 
@@ -135,11 +144,14 @@ def run_stage(spec: StageSpec, body: Callable[[StageContext], Optional[dict]],
                   "dvc_lock_digest": run.tags.get("dvc.lock.digest"), "params_digest": run.tags.get("params.digest"),
                   "upstream": {r["stage"]: r["run_id"] for r in inputs if r.get("stage")},
                   "started_unix": round(started), "finished_unix": round(time.time())}
-        if (out / MODEL_SPEC_FILE).exists():  # a model-producing stage: PyTorch flavour + registry
-            name, version = log_and_register_model(out, params.tracking.experiment, spec.name,
-                                                   tags={"stage": spec.name, "git.commit": run.tags.get("git.commit")})
-            run.set_tags({"registered_model.name": name, "registered_model.version": version})
-            record["registered_model"] = {"name": name, "version": version}
+        if (out / MODEL_SPEC_FILE).exists():  # a model-producing stage: a sampling model in the registry
+            lineage_tags = {k: v for k, v in run.tags.items() if k in VERSION_TAGS or k.startswith("upstream.")}
+            name, version, reused = log_and_register_model(
+                out, params.tracking.experiment, spec.name, run.run_id,
+                tags={**lineage_tags, OUTPUT_DIGEST_TAG: output_digest}, metrics=headline_numbers(metrics))
+            run.set_tags({"registered_model.name": name, "registered_model.version": version,
+                          "registered_model.reused": reused})
+            record["registered_model"] = {"name": name, "version": version, "reused": reused}
         write_json(run_record_path(repo, spec.name), record)
     return metrics
 
