@@ -42,6 +42,23 @@ def loopback_interface() -> str:
     return names[0] if names else "lo"
 
 
+def interface_towards(host: str) -> str | None:
+    """The name of this machine's network interface that reaches ``host`` (None when it cannot be told)."""
+    import psutil
+
+    try:
+        family = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)[0][0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))  # UDP connect sends nothing; it only picks the route
+            local_ip = probe.getsockname()[0]
+    except OSError:
+        return None
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == local_ip for a in addresses):
+            return name
+    return None
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return all(info[4][0].startswith("127.") or info[4][0] == "::1"
@@ -189,8 +206,13 @@ def launch_ranks(n: int, argv: list[str], env: dict[str, str] | None = None, *, 
         child_env.pop(key, None)
     child_env.setdefault("OMP_NUM_THREADS", "1")
     child_env[TIMEOUT_ENV] = str(timeout_s)
-    if nodes == 1 or _is_loopback(command[command.index("--master_addr") + 1]):
-        child_env.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())  # ranks' gloo sockets on loopback only
+    master_addr = command[command.index("--master_addr") + 1]
+    # The ranks' own sockets (gloo, NCCL) bind the interface that reaches node 0: loopback on one machine, else the
+    # one towards MASTER_ADDR, unless the user named one.
+    interface = loopback_interface() if nodes == 1 or _is_loopback(master_addr) else interface_towards(master_addr)
+    if interface:
+        child_env.setdefault("GLOO_SOCKET_IFNAME", interface)
+        child_env.setdefault("NCCL_SOCKET_IFNAME", interface)
     if env:
         child_env.update(env)
     return subprocess.run(command, env=child_env, check=False, preexec_fn=_die_with_parent).returncode
