@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
 from tests.project_copy import REPO, copy_project
 RESULTS = REPO / "benchmarks" / "results"
 
