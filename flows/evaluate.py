@@ -192,8 +192,15 @@ def model_plots(name: str, result: protocol.ModelResult, states, reference: prot
 
 
 def evaluate_models(ctx: StageContext, skipped: tuple[str, ...] = ()) -> dict:
-    p = ctx.params.evaluate
     progress = protocol.Progress(_log().info)
+    try:
+        return evaluate_with_progress(ctx, progress, skipped)
+    finally:
+        progress.close()
+
+
+def evaluate_with_progress(ctx: StageContext, progress: protocol.Progress, skipped: tuple[str, ...]) -> dict:
+    p = ctx.params.evaluate
     data_manifest = read_shard_manifest(ctx.path("data/shards"))
     kind = data_manifest["kind"]
     dataset = data_manifest["source"].get("name") or data_manifest["source"]["source"]
@@ -204,6 +211,7 @@ def evaluate_models(ctx: StageContext, skipped: tuple[str, ...] = ()) -> dict:
     models = {name: load_model(ctx.path(f"models/{name}"), data_manifest["shape"]) for name in names}
     # One thread for MLPs: on 2 busy cores, 2 threads made 2-D sampling 5x slower (thread sync dominates).
     set_torch_threads(models[names[0]].spec)
+    progress(f"reference: held-out sets and {protocol.FLOOR_DRAWS} floor draws")
     try:
         reference = build_reference(ctx, kind, dataset, progress)
     except ValueError as e:
