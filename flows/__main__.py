@@ -1,6 +1,6 @@
 """Command line: `python -m flows <stage>` runs one stage as a Prefect flow (this is what dvc.yaml calls).
 
-Other commands: `pipeline`, `serve`, `lineage`, `list`, `check-params`, `server start|stop|status`.
+Other commands: `pipeline`, `serve`, `deploy`, `worker`, `lineage`, `list`, `check-params`, `server start|stop|status`.
 Run `python -m flows --help`.
 """
 from __future__ import annotations
@@ -23,13 +23,20 @@ def _fail(message: str, code: int = 2) -> int:
 
 def run_stage_command(stage: str) -> int:
     from components.config import load_params
-    from flows.runtime import configure_prefect, repo_root
+    from components.tracking.lineage import resolve_tracking_uri
+    from flows.runtime import InvocationRun, configure_prefect, output_to_prefect, repo_root, use_home_tracking_store
 
     root = repo_root()
-    load_params(root / "params.yaml")  # fail fast, before any server or output is touched
+    params = load_params(root / "params.yaml")  # fail fast, before any server or output is touched
+    use_home_tracking_store(root, params.tracking.uri)
     configure_prefect(root)
     module = importlib.import_module({**STAGES, **TOOLS}[stage])
-    state = module.flow_fn(return_state=True)
+    with InvocationRun(root, params.tracking.experiment, resolve_tracking_uri(root, params.tracking.uri)) as parent:
+        stage_flow = module.flow_fn.with_options(flow_run_name=f"{stage}-{parent.run_name}") if parent.run_name \
+            else module.flow_fn
+        with output_to_prefect():
+            state = stage_flow(return_state=True)
+        parent.close(stage, failed=not state.is_completed())
     if state.is_completed():
         return 0
     cause = getattr(state, "data", None)
@@ -67,6 +74,14 @@ def main(argv: list[str] | None = None) -> int:
                       help="param override written to params.yaml and saved as a DVC experiment (repeatable)")
     pipe.add_argument("--name", dest="run_name", default=None, help="MLflow parent run / DVC experiment name")
     sub.add_parser("serve", help="serve the pipeline and each stage as Prefect deployments (runs until Ctrl-C)")
+    dep = sub.add_parser("deploy", help="deploy the pipeline and each stage on a Prefect work pool (runs on its workers)")
+    dep.add_argument("--pool", default="pipeline", help="work pool name (created as a process pool; default: pipeline)")
+    dep.add_argument("--concurrency-limit", type=int, default=None,
+                     help="runs the pool executes at once (default 1 for a new pool: one GPU, one training stage)")
+    rem = sub.add_parser("remote", help="check the DVC remote (dvc push / dvc pull) exists and answers; one line")
+    rem.add_argument("name", nargs="?", default=None, help="remote name (default: the default remote)")
+    wrk = sub.add_parser("worker", help="start a Prefect worker for a work pool here (prefect worker start --pool)")
+    wrk.add_argument("--pool", default="pipeline", help="work pool name (default: pipeline)")
     lin = sub.add_parser("lineage", help="print the chain of MLflow runs from a run (or a stage's output) to the data")
     lin.add_argument("ref", help="an MLflow run id or a stage name (the run that produced its current output)")
     lin.add_argument("--json", action="store_true", help="print the chain as JSON")
@@ -93,14 +108,26 @@ def main(argv: list[str] | None = None) -> int:
             from flows.serve import serve_command
 
             return serve_command()
+        if args.command == "deploy":
+            from flows.serve import deploy_command
+
+            return deploy_command(args.pool, args.concurrency_limit)
+        if args.command == "remote":
+            from flows.remote import remote_command
+
+            return remote_command(args.name)
+        if args.command == "worker":
+            from flows.serve import worker_command
+
+            return worker_command(args.pool)
         if args.command == "lineage":
             from flows.lineage import lineage_command
 
             return lineage_command(args.ref, as_json=args.json)
         if args.command == "server":
-            from flows.runtime import ensure_local_server, local_server_url, repo_root, stop_local_server
+            from flows.runtime import ensure_local_server, home_root, local_server_url, repo_root, stop_local_server
 
-            root = repo_root()
+            root = home_root(repo_root())
             if args.action == "start":
                 print(ensure_local_server(root).removesuffix("/api"))
             elif args.action == "stop":
