@@ -32,13 +32,14 @@ STATE_FILE = "server.json"
 
 
 def repo_root() -> Path:
-    """The repo root: DVC sets DVC_ROOT for stage commands; otherwise walk up from cwd to dvc.yaml."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
+    """The repo root: walk up from cwd to dvc.yaml (DVC runs a stage in its workspace: the repo, or for a queued
+    experiment a copy under .dvc/tmp/exps/, where DVC_ROOT still names the original repo); else DVC_ROOT; else cwd."""
     here = Path.cwd().resolve()
     for p in (here, *here.parents):
         if (p / "dvc.yaml").exists() or (p / ".dvc").is_dir():
             return p
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
     return here
 
 
