@@ -39,7 +39,7 @@ def check_remote(root: Path, name: Optional[str] = None) -> str:
             scheme = str(url).split("://")[0]
             raise RemoteUnavailable(f"DVC remote '{name}' ({url}): {' '.join(str(e).split())}; install it: "
                                     f"pip install 'dvc[{scheme}]'") from None
-        where = f"DVC remote '{name}' ({url}" + (f" = {remote.path}" if remote.fs.protocol == "local" else "") + ")"
+        where = f"DVC remote '{name}' ({url})"  # DVC resolves a relative local url against .dvc/
         try:
             exists = remote.fs.exists(remote.path)
         except Exception as e:  # noqa: BLE001 - network, credentials, DNS: whatever the filesystem raises

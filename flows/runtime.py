@@ -129,7 +129,8 @@ def ensure_local_server(root: Path, port: int | None = None, timeout: float = 12
         log = open(state_dir / "server.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            cwd=state_dir)  # not the caller's cwd: a queued experiment's workspace is deleted when it ends
         print(f"Starting a local Prefect server (UI http://127.0.0.1:{port}, log {state_dir / 'server.log'}); "
               "it keeps running for later stages, stop it with `make stop`", file=sys.stderr)
         deadline = time.time() + timeout
