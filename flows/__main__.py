@@ -80,11 +80,21 @@ def main(argv: list[str] | None = None) -> int:
                      help="runs the pool executes at once (default 1 for a new pool: one GPU, one training stage)")
     rem = sub.add_parser("remote", help="check the DVC remote (dvc push / dvc pull) exists and answers; one line")
     rem.add_argument("name", nargs="?", default=None, help="remote name (default: the default remote)")
+    que = sub.add_parser("queue", help="dvc exp run --queue ARGS, after checking no untracked file would be left out")
+    que.add_argument("dvc_args", nargs=argparse.REMAINDER, help="arguments for dvc exp run, e.g. -S teacher.lr=0.001")
     wrk = sub.add_parser("worker", help="start a Prefect worker for a work pool here (prefect worker start --pool)")
     wrk.add_argument("--pool", default="pipeline", help="work pool name (default: pipeline)")
     lin = sub.add_parser("lineage", help="print the chain of MLflow runs from a run (or a stage's output) to the data")
     lin.add_argument("ref", help="an MLflow run id or a stage name (the run that produced its current output)")
     lin.add_argument("--json", action="store_true", help="print the chain as JSON")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["queue"]:  # everything after it goes to dvc exp run as is (argparse would parse -S itself)
+        from flows.sweep import queue_command
+
+        try:
+            return queue_command(argv[1:])
+        except UserError as e:
+            return _fail(str(e))
     args = parser.parse_args(argv)
 
     try:

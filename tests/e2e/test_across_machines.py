@@ -50,7 +50,7 @@ def test_push_then_fresh_clone_pulls_everything_and_reproduces_nothing(project):
     storage = (project.parent / "dvc-storage").resolve()
     r = run_flows(project, "remote")
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
-    assert f"DVC remote 'storage' (" in r.stderr and f"{storage} does not exist; mkdir -p {storage}" in r.stderr
+    assert f"DVC remote 'storage' ({storage}) does not exist; mkdir -p {storage}" in r.stderr
     storage.mkdir()
     assert run_flows(project, "remote").returncode == 0
     subprocess.run(["git", "add", "-A"], cwd=project, check=True)
@@ -61,7 +61,8 @@ def test_push_then_fresh_clone_pulls_everything_and_reproduces_nothing(project):
     assert r.returncode == 0, r.stderr[-2000:]
     before = outputs_fingerprint(project)
 
-    for name, fetch in (("clone-pull", ["pull"]), ("clone-repro-pull", None)):
+    # only the stages that ran have outputs (a full `dvc pull` would also ask for the never-run stages')
+    for name, fetch in (("clone-pull", ["pull", *PROBES]), ("clone-repro-pull", None)):
         clone = project.parent / name
         subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
         if fetch is None:
@@ -74,7 +75,7 @@ def test_push_then_fresh_clone_pulls_everything_and_reproduces_nothing(project):
         else:
             r = run_dvc(clone, *fetch)
             assert r.returncode == 0, r.stderr[-2000:]
-        status = run_dvc(clone, "status")
+        status = run_dvc(clone, "status", *PROBES)
         assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
         r = run_dvc(clone, "repro", *PROBES)
         assert r.returncode == 0 and ran_stages(r.stdout) == set(), r.stdout[-2000:]
@@ -240,8 +241,7 @@ def test_queued_sweep_runs_each_experiment_in_isolation_and_tracks_it(project):
     commit_all(project, "baseline")
     try:
         for seed in (3, 4):
-            r = run_dvc(project, "exp", "run", "--queue", "probe_b", "-S", f"shard.seed={seed}", "--name",
-                        f"seed-{seed}", **env)
+            r = run_flows(project, "queue", "probe_b", "-S", f"shard.seed={seed}", "--name", f"seed-{seed}", **env)
             assert r.returncode == 0, r.stderr[-2000:]
         r = run_dvc(project, "queue", "start", "-j", "2", **env)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -277,3 +277,11 @@ def test_queued_sweep_runs_each_experiment_in_isolation_and_tracks_it(project):
     # no Prefect server or MLflow store of their own inside the experiment workspaces
     assert not list((project / ".dvc" / "tmp").rglob("server.json"))
     assert not [p for p in (project / ".dvc" / "tmp").rglob("mlflow.db")]
+
+
+def test_queue_refuses_untracked_files_in_one_line(project):
+    (project / "note.txt").write_text("a file the queued copy would not have")
+    r = run_flows(project, "queue", "-S", "shard.seed=9", "shard")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "untracked files would be left out of the queued experiment: note.txt" in r.stderr
+    assert "Queued" not in run_dvc(project, "queue", "status").stdout
