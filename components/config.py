@@ -98,20 +98,12 @@ class TrainParams(Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     checkpoint_every: int = Field(500, ge=0)
     log_every: int = Field(50, ge=1)
-    processes: int = Field(1, ge=1)  # >1 launches that many ranks (torchrun), shards split by rank
     torch_threads: int = Field(0, ge=0)  # 0 = auto: 1 for the MLP (threads only add sync cost), all cores for the UNet
     seed: int = 0
 
-    @model_validator(mode="after")
-    def _divisible(self) -> "TrainParams":
-        split = self.processes * self.grad_accum
-        if self.batch_size % split:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by processes x grad_accum = {split}")
-        return self
-
     def trainer_kwargs(self) -> dict:
         """The subset of these params that components.training.TrainConfig takes."""
-        return self.model_dump(include=set(TrainParams.model_fields) - {"processes", "torch_threads"})
+        return self.model_dump(include=set(TrainParams.model_fields) - {"torch_threads"})
 
 
 class TeacherParams(TrainParams):
@@ -158,12 +150,6 @@ class ReflowParams(TrainParams):
     distill_steps: int = Field(400, ge=1)
     p_uncond: float = Field(0.1, ge=0.0, le=1.0)  # label dropout for a conditional teacher
     sampler_steps: int = Field(2, ge=1)  # default Euler steps in models/reflow/model.json
-
-    @model_validator(mode="after")
-    def _one_process(self) -> "ReflowParams":
-        if self.processes != 1:
-            raise ValueError(f"processes {self.processes}: reflow trains in one process (couplings fit in memory)")
-        return self
 
 class RewardParams(Section):
     """The reward of preference pairs (components/preferences/rewards.py)."""
@@ -284,6 +270,26 @@ class EvaluateParams(Section):
         return self
 
 
+class DistributedParams(Section):
+    """How many processes every training stage runs on (one DeepSpeed rank each, launched by torchrun).
+
+    What differs per machine is not here but in the environment the launcher reads: this machine's node rank
+    (NODE_RANK, else Slurm's SLURM_NODEID) and the rendezvous endpoint (MASTER_ADDR, MASTER_PORT: node 0's
+    address, which is also the only interface node 0 listens on). One node needs none of them.
+    """
+
+    processes_per_node: int = Field(1, ge=1)  # e.g. the GPUs of one machine; >1 launches ranks with torchrun
+    nodes: int = Field(1, ge=1)  # machines; every one runs the same params (README "Scaling out")
+    timeout_s: int = Field(300, ge=10)  # a collective waiting this long on a dead rank stops the job
+
+    @property
+    def world_size(self) -> int:
+        return self.processes_per_node * self.nodes
+
+
+TRAINING_SECTIONS = ("teacher", "reflow", "progressive", "consistency", "dpo")  # global batch split over ranks
+
+
 class TrackingParams(Section):
     experiment: str = "diffusion-distill"
     # None: sqlite:///<repo>/mlflow.db ; MLFLOW_TRACKING_URI overrides both.
@@ -307,6 +313,20 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     preferences: PreferencesParams = PreferencesParams()
     dpo: DPOParams = DPOParams()
+    distributed: DistributedParams = DistributedParams()
+
+    @model_validator(mode="after")
+    def _batch_splits_over_ranks(self) -> "Params":
+        world = self.distributed.world_size
+        for name in TRAINING_SECTIONS:
+            section = getattr(self, name)
+            split = world * section.grad_accum
+            if section.batch_size % split:
+                raise ValueError(
+                    f"{name}.batch_size {section.batch_size} is not divisible by distributed.processes_per_node x "
+                    f"distributed.nodes x {name}.grad_accum = {self.distributed.processes_per_node} x "
+                    f"{self.distributed.nodes} x {section.grad_accum} = {split}")
+        return self
 
     def section(self, name: str) -> Section:
         return getattr(self, name)
@@ -363,6 +383,8 @@ def validate_params(raw: dict, source: str = "params.yaml") -> Params:
 
 RENAMED_KEYS = {  # old key -> what replaced it (named in the "unknown key" error)
     "reflow.distill_one_step": "reflow.distill_nfe (0: off, 1: one step, 2: two steps)",
+    **{f"{name}.processes": "distributed.processes_per_node, one setting for every training stage"
+       for name in TRAINING_SECTIONS},
 }
 
 

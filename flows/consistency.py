@@ -22,15 +22,11 @@ from components.training.trainer import CheckpointMismatchError, NonFiniteLossEr
 from flows.progressive import weights_digest
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
-PRODUCED_BY = {"data/shards": "shard", "models/teacher": "teacher"}
-
-
 def stage_spec(mode: str) -> StageSpec:
     """Consistency training reads no teacher, so its inputs (and lineage) leave models/teacher out."""
     inputs = ("data/shards", "models/teacher") if mode == "distill" else ("data/shards",)
     sections = ("consistency",) if mode == "distill" else ("consistency", "model", "teacher")
-    return StageSpec(name="consistency", output="models/consistency", inputs=inputs, sections=sections,
-                     produced_by=PRODUCED_BY)
+    return StageSpec(name="consistency", output="models/consistency", inputs=inputs, sections=sections)
 
 
 SPEC = stage_spec("distill")

@@ -19,17 +19,14 @@ from components.objectives.reflow import transport_cost
 from components.training.denoiser_training import run_fingerprint, set_torch_threads
 from components.training.reflow_training import (chunk_noise, coupling_error, generate_couplings,
                                                  write_coupling_shards)
-from flows.stage import StageContext, StageSpec, read_manifest, run_stage_in_flow
+from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
-SPEC = StageSpec(name="couplings", output="data/couplings/pairs", inputs=("models/teacher",), sections=("couplings",),
-                 produced_by={"models/teacher": "teacher"})
+SPEC = StageSpec(name="couplings", output="data/couplings/pairs", sections=("couplings",))
 
 
 def teacher_identity(teacher_dir) -> dict:
-    """What identifies the teacher a coupling came from: its MLflow run id and weights digest."""
-    lineage = read_manifest(teacher_dir).get("lineage", {})
-    return {"path": "models/teacher", "mlflow_run_id": lineage.get("mlflow_run_id"),
-            "weights_md5": file_md5(teacher_dir / WEIGHTS_FILE)}
+    """What identifies the teacher a coupling came from: its weights digest (its MLflow run is in the lineage)."""
+    return {"path": "models/teacher", "weights_md5": file_md5(teacher_dir / WEIGHTS_FILE)}
 
 
 def make_couplings(ctx: StageContext) -> dict:

@@ -28,14 +28,12 @@ from components.training.trainer import CheckpointMismatchError, NonFiniteLossEr
 from flows.runtime import repo_root
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
-SPEC = StageSpec(name="dpo", output="models/dpo", inputs=("data/pairs", "models/teacher"),
-                 sections=("preferences", "dpo"), produced_by={"data/pairs": "preferences", "models/teacher": "teacher"})
+SPEC = StageSpec(name="dpo", output="models/dpo", inputs=("data/pairs", "models/teacher"), sections=("preferences", "dpo"))
 
 
 def resolve_spec(params: Params) -> StageSpec:
     reference = f"models/{params.preferences.model}"
-    return dataclasses.replace(SPEC, inputs=("data/pairs", reference),
-                               produced_by={"data/pairs": "preferences", reference: params.preferences.model})
+    return dataclasses.replace(SPEC, inputs=("data/pairs", reference))
 
 
 def train_dpo(ctx: StageContext) -> dict:
@@ -75,8 +73,7 @@ def train_dpo(ctx: StageContext) -> dict:
         shutil.copytree(ctx.path("data/pairs") / reward["path"], ctx.out_dir / reward["path"])
     write_json(ctx.out_dir / DPO_INFO_FILE, {
         "beta": p.beta, "reference": reference_rel, "reward": reward, "pairs_train": len(train_pairs),
-        "pairs_heldout": len(heldout), "implicit_accuracy_heldout": accuracy,
-        "generating_run_id": pair_manifest.get("generating_run_id")})
+        "pairs_heldout": len(heldout), "implicit_accuracy_heldout": accuracy})
     ctx.manifest.update({"model": spec, "beta": p.beta, "checkpoint_dir": str(checkpoint_dir.relative_to(ctx.repo))})
     last = result.history[-1] if result.history else {}
     return {"steps": result.steps, "final_loss": result.final_loss, "beta": p.beta,

@@ -28,8 +28,7 @@ from components.training.denoiser_training import run_fingerprint, set_torch_thr
 from components.training.trainer import CheckpointMismatchError, NonFiniteLossError, Trainer, TrainConfig
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
-SPEC = StageSpec(name="progressive", output="models/progressive", inputs=("data/shards", "models/teacher"),
-                 sections=("progressive",), produced_by={"data/shards": "shard", "models/teacher": "teacher"})
+SPEC = StageSpec(name="progressive", output="models/progressive", sections=("progressive",))
 
 
 def weights_digest(path: Path) -> str:
@@ -107,8 +106,8 @@ def distill(ctx: StageContext) -> dict:
     save_denoiser(ctx.out_dir, final.denoiser.state_dict(), {**final.spec, "students": students})
     ctx.manifest.update({"students": students, "teacher_steps": p.teacher_steps,
                          "checkpoint_dir": str(checkpoint_root.relative_to(ctx.repo))})
-    return {"rounds": {k: {m: v for m, v in r.items() if m != "mlflow_run_id"} for k, r in metrics.items()},
-            "round_run_ids": {k: r["mlflow_run_id"] for k, r in metrics.items()}}
+    ctx.record["round_run_ids"] = {k: r["mlflow_run_id"] for k, r in metrics.items()}
+    return {"rounds": {k: {m: v for m, v in r.items() if m != "mlflow_run_id"} for k, r in metrics.items()}}
 
 
 @flow(name="progressive", description="Progressive distillation of the teacher down to 1 step -> models/progressive/.")

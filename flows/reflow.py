@@ -35,19 +35,17 @@ from flows.couplings import teacher_identity
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
 COUPLINGS = "data/couplings/pairs"  # the couplings stage's output (its metrics live beside it)
-SPEC = StageSpec(name="reflow", output="models/reflow", inputs=(COUPLINGS, "models/teacher"),
-                 sections=("couplings", "reflow"),
-                 produced_by={COUPLINGS: "couplings", "models/teacher": "teacher"})
+SPEC = StageSpec(name="reflow", output="models/reflow", sections=("couplings", "reflow"))
 DIAGNOSTIC_PAIRS = 512  # at most this many noise draws / pairs for straightness and coupling diagnostics
 STRAIGHTNESS_STEPS = 32
 
 
 def check_couplings_match_teacher(ctx: StageContext) -> dict:
-    """The couplings' manifest must name the teacher in models/teacher (run id and weights digest)."""
+    """The couplings' manifest must name the teacher in models/teacher (its weights digest)."""
     manifest = read_json(ctx.path(f"{COUPLINGS}/manifest.json"))
     recorded = manifest.get("teacher") or {}
     current = teacher_identity(ctx.path("models/teacher"))
-    for key in ("weights_md5", "mlflow_run_id"):
+    for key in ("weights_md5",):
         if recorded.get(key) != current[key]:
             raise DataError(f"{COUPLINGS} was generated from a different teacher ({key} {recorded.get(key)} in "
                             f"its manifest, models/teacher has {current[key]}); rerun `dvc repro couplings`")
@@ -108,8 +106,8 @@ def train_reflow(ctx: StageContext) -> dict:
             round_metrics = round_report(model, noise, cond, coupling, result, resumed)
             child.log_metrics(round_metrics)
         metrics.update({f"round{round_no}_{k}": v for k, v in round_metrics.items()})
-        ctx.manifest.setdefault("rounds", []).append({"round": round_no, "mlflow_run_id": child.run_id,
-                                                      **round_metrics})
+        ctx.manifest.setdefault("rounds", []).append({"round": round_no, **round_metrics})
+        ctx.record.setdefault("rounds", []).append({"round": round_no, "mlflow_run_id": child.run_id})
     metrics["straightness"] = metrics[f"round{p.rounds}_straightness"]
     metrics["straightness_ratio"] = metrics["straightness"] / max(metrics["teacher_straightness"], 1e-12)
 
@@ -132,8 +130,8 @@ def train_reflow(ctx: StageContext) -> dict:
             child.log_metrics(distill_metrics)
         metrics.update({f"distill_{k}": v for k, v in distill_metrics.items()})
         metrics["distill_nfe"] = p.distill_nfe
-        ctx.manifest["distill"] = {"nfe": p.distill_nfe, "mlflow_run_id": child.run_id,
-                                   "rectified_model": "rectified/", **distill_metrics}
+        ctx.manifest["distill"] = {"nfe": p.distill_nfe, "rectified_model": "rectified/", **distill_metrics}
+        ctx.record["distill"] = {"nfe": p.distill_nfe, "mlflow_run_id": child.run_id}
 
     save_denoiser(ctx.out_dir, state, spec)
     ctx.manifest.update({"model": spec, "couplings": {"count": coupling_manifest["count"],

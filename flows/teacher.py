@@ -19,8 +19,7 @@ from components.training.distributed import launch_ranks
 from components.training.trainer import CheckpointMismatchError, NonFiniteLossError
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
-SPEC = StageSpec(name="teacher", output="models/teacher", inputs=("data/shards",),
-                 sections=("data", "model", "teacher"), produced_by={"data/shards": "shard"})
+SPEC = StageSpec(name="teacher", output="models/teacher", sections=("data", "model", "teacher"))
 
 
 def train_teacher(ctx: StageContext) -> dict:
@@ -35,9 +34,10 @@ def train_teacher(ctx: StageContext) -> dict:
     export = ctx.out_dir / WEIGHTS_FILE
     ctx.run.set_tags({"checkpoint_dir": checkpoint_dir.relative_to(ctx.repo)})
 
+    ranks = ctx.params.distributed.world_size
     started = time.time()
     try:
-        if p.processes == 1:
+        if ranks == 1:
             result, resumed_from = train_denoiser(spec, objective, shards, train, checkpoint_dir, export,
                                                   log_fn=ctx.log_metrics, torch_threads=p.torch_threads)
             steps, final_loss = result.steps, result.final_loss
@@ -53,7 +53,7 @@ def train_teacher(ctx: StageContext) -> dict:
     ctx.run.log_artifact(plot)
     ctx.manifest.update({"model": spec, "objective": objective, "checkpoint_dir": str(checkpoint_dir.relative_to(ctx.repo))})
     return {"steps": steps, "final_loss": final_loss, "train_seconds": round(train_seconds, 2),
-            "steps_per_sec": round((steps - resumed_from) / max(train_seconds, 1e-9), 2), "processes": p.processes,
+            "steps_per_sec": round((steps - resumed_from) / max(train_seconds, 1e-9), 2), "processes": ranks,
             "resumed_from_step": resumed_from}
 
 
@@ -63,7 +63,9 @@ def _train_multiprocess(ctx, spec, objective, shards, train, checkpoint_dir, exp
            "checkpoint_dir": str(checkpoint_dir), "export": str(export), "result": str(result_file),
            "tracking_uri": ctx.run.tracking_uri, "run_id": ctx.run.run_id, "torch_threads": ctx.params.teacher.torch_threads}
     job_file.write_text(json.dumps(job))
-    code = launch_ranks(ctx.params.teacher.processes, ["-m", "flows.train_worker", str(job_file)])
+    d = ctx.params.distributed
+    code = launch_ranks(d.processes_per_node, ["-m", "flows.train_worker", str(job_file)], nodes=d.nodes,
+                        timeout_s=d.timeout_s)
     if code != 0:
         raise RuntimeError(f"training ranks exited with code {code} (see their output above)")
     result = json.loads(result_file.read_text())

@@ -1,7 +1,8 @@
 """One training rank of a multi-process stage: `python -m torch.distributed.run ... -m flows.train_worker JOB`.
 
 The stage flow writes JOB (a JSON file: what to train, where to export, which MLflow run to log into) and
-launches N ranks of this module; rank 0 logs metrics into the stage's MLflow run.
+launches N ranks of this module; rank 0 logs metrics into the stage's MLflow run. Only rank 0 reads JOB and
+sends it to the others, so the ranks of other nodes (`python -m flows.join`) need no copy of it (JOB is "-").
 """
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import json
 import sys
 
 from components.training.denoiser_training import train_denoiser
-from components.training.distributed import world_info
+from components.training.distributed import broadcast_from_rank0, init_process_group, world_info
 
 
 def main(job_path: str) -> int:
-    job = json.loads(open(job_path).read())
+    init_process_group()
     rank, _ = world_info()
+    job = broadcast_from_rank0(json.loads(open(job_path).read()) if rank == 0 else None)
     log_fn = None
     if rank == 0 and job.get("run_id"):
         from components.tracking.metrics import run_metrics_logger

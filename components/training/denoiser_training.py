@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from components.config import ModelParams, TeacherParams
-from components.data.loader import infinite_batches, make_loader
+from components.data.loader import epoch_batches, infinite_batches, make_loader
 from components.errors import DataError
 from components.models.store import build_denoiser
 from components.objectives.denoising import make_objective
@@ -111,15 +111,17 @@ def train_denoiser(spec: dict[str, Any], objective: dict[str, Any], shard_dir: P
     loss_fn = make_objective(objective["name"], **objective["kwargs"])
     config = TrainConfig(**train, progress_bar=progress)
     _, world = world_info()
-    # Multi-rank: resampled shards give every rank the same number of batches (no rank waits on another).
-    loader = make_loader(shard_dir, "train", config.micro_batch_size(world), shuffle=True, resampled=world > 1,
-                         seed=config.seed, drop_last=True)
+    if world > 1:  # exact epochs split by node and rank, the same number of batches on every rank
+        batches = epoch_batches(shard_dir, "train", config.micro_batch_size(world), seed=config.seed)
+    else:
+        batches = infinite_batches(make_loader(shard_dir, "train", config.micro_batch_size(world), shuffle=True,
+                                               seed=config.seed, drop_last=True))
     trainer = Trainer(denoiser, loss_fn, config, checkpoint_dir, log_fn=log_fn,
                       fingerprint={"spec": spec, "objective": objective})
     found = trainer.latest_checkpoint()
     resumed_from = int(found[1]["step"]) if found else 0
     if resumed_from and trainer.rank == 0:
         print(f"resuming from step {resumed_from} (checkpoint in {checkpoint_dir})", file=sys.stderr)
-    result = trainer.fit(infinite_batches(loader))
+    result = trainer.fit(batches)
     trainer.export(export_path)
     return result, resumed_from

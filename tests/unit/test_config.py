@@ -20,6 +20,13 @@ def test_repo_params_file_is_valid():
     ({"data": {"source": "cifar10"}}, "data.path is required"),
     ({"nosuchstage": {}}, "unknown key 'nosuchstage'"),
     ({"reflow": {"distill_one_step": True}}, "unknown key 'reflow.distill_one_step' (replaced by reflow.distill_nfe"),
+    ({"teacher": {"processes": 2}},
+     "unknown key 'teacher.processes' (replaced by distributed.processes_per_node, one setting for every training"),
+    ({"dpo": {"processes": 2}}, "unknown key 'dpo.processes' (replaced by distributed.processes_per_node"),
+    ({"distributed": {"processes_per_node": 4}, "progressive": {"batch_size": 258}},
+     "progressive.batch_size 258 is not divisible by distributed.processes_per_node x distributed.nodes x "
+     "progressive.grad_accum = 4 x 1 x 1 = 4"),
+    ({"distributed": {"nodes": 0}}, "distributed.nodes"),
 ])
 def test_bad_values_name_the_key_in_one_line(raw, needle):
     with pytest.raises(ParamsError) as e:
