@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -214,8 +215,10 @@ def evaluate_model(name: str, model: LoadedModel, p: EvaluateParams, n: int, mak
 
     def generate(nfe: int, noise: torch.Tensor, cond: Optional[torch.Tensor]):
         # A fresh generator per point: stochastic samplers draw the same noise on every rerun.
+        started = time.perf_counter()
         result = model.sample(noise, nfe=nfe, cond=cond, generator=torch.Generator().manual_seed(p.seed + 1))
         samples_by_nfe[nfe] = result.x
+        _log().info(f"{name}: {len(noise)} samples at NFE {nfe} in {time.perf_counter() - started:.1f} s")  # progress
         return result.x, result.nfe
 
     score_fn = make_score_fn(cond)

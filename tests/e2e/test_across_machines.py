@@ -62,7 +62,7 @@ def test_push_then_fresh_clone_pulls_everything_and_reproduces_nothing(project):
     before = outputs_fingerprint(project)
 
     # only the stages that ran have outputs (a full `dvc pull` would also ask for the never-run stages')
-    for name, fetch in (("clone-pull", ["pull", *PROBES]), ("clone-repro-pull", None)):
+    for name, fetch in (("clone-pull", ["pull", "shard", *PROBES]), ("clone-repro-pull", None)):
         clone = project.parent / name
         subprocess.run(["git", "clone", "-q", str(project), str(clone)], check=True)
         if fetch is None:
