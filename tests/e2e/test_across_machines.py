@@ -247,7 +247,9 @@ def test_queued_sweep_runs_each_experiment_in_isolation_and_tracks_it(project):
         assert r.returncode == 0, r.stderr[-2000:]
         deadline = time.time() + 600
         while time.time() < deadline:
-            status = run_dvc(project, "queue", "status", **env).stdout
+            r = run_dvc(project, "queue", "status", **env)
+            assert r.returncode == 0, r.stderr[-2000:]
+            status = r.stdout
             if not re.search(r"\b(Queued|Running)\b", status):
                 break
             time.sleep(5)
