@@ -17,7 +17,8 @@ from components.errors import ParamsError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `lr: .inf` or `.nan` is a params error, not a traceback deep inside training.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 TOY2D_NAMES = ("checkerboard", "moons", "eight_gaussians", "spirals")
@@ -405,16 +406,39 @@ def format_validation_error(e: ValidationError, source: str) -> str:
     return f"{source}: {loc}{shown}: {msg}{extra}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one silently; DVC refuses)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKeyError(key, seen[key], key_node.start_mark.line + 1)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, first_line: int, line: int):
+        super().__init__(f"duplicate key '{key}' (line {line}; first at line {first_line})")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
 def read_params_file(path: Path | str) -> dict:
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"params file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except DuplicateKeyError as e:
+        raise ParamsError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise ParamsError(f"{path}: not valid YAML{where}") from None
+    except OSError as e:
+        raise ParamsError(f"cannot read {path}: {e.strerror}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: top level must be a mapping of sections")
     return raw

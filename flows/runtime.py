@@ -224,8 +224,10 @@ class InvocationRun:
         if self.invocation is None:
             return self
         from components.tracking.lineage import PARENT_RUN_ENV
+        from components.tracking.registry import check_tracking_server
         from components.tracking.runs import open_invocation_run
 
+        check_tracking_server(self.tracking_uri)  # one line, not minutes of HTTP retries
         started = time.localtime(int(self.invocation.rsplit("-", 1)[1]))
         self.run_name = os.environ.get("DVC_EXP_NAME") or f"dvc-repro-{time.strftime('%Y%m%d-%H%M%S', started)}"
         overrides = params_overrides(self.root)
@@ -240,7 +242,11 @@ class InvocationRun:
         if self.run_id:
             from components.tracking.runs import close_invocation_run
 
-            close_invocation_run(self.tracking_uri, self.run_id, self.root, stage, failed)
+            try:
+                close_invocation_run(self.tracking_uri, self.run_id, self.root, stage, failed)
+            except Exception as e:  # noqa: BLE001 - the stage's own outcome stands; the next stage reopens the run
+                print(f"warning: could not update the MLflow parent run {self.run_id} ({type(e).__name__}: "
+                      f"{str(e)[:200]})", file=sys.stderr)
             self.run_id = None
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -267,6 +267,7 @@ class StageRun:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        self.tags.update({k: str(v) for k, v in tags.items()})
 
     @contextlib.contextmanager
     def child_run(self, name: str, params: Optional[dict] = None, tags: Optional[dict] = None):
@@ -284,7 +285,18 @@ class StageRun:
                 mlflow.log_params({k: ("null" if v is None else v) for k, v in flatten(params).items()})
             yield ChildRun(run.info.run_id, mlflow)
 
+    def abandon(self) -> None:
+        """Forget the run in this process without telling the (unreachable) server: no end_run now or at exit.
+        The stage's next run closes it (flows/stage.py `settle_previous_run`)."""
+        self._abandoned = True
+        from mlflow.tracking import fluent
+
+        with contextlib.suppress(Exception):  # private API; worst case MLflow retries end_run at exit
+            fluent._active_run_stack.get().clear()
+
     def __exit__(self, exc_type, exc, tb) -> None:
+        if getattr(self, "_abandoned", False):
+            return
         self._mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
 
 
@@ -299,3 +311,24 @@ class ChildRun:
         clean = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if clean:
             self._mlflow.log_metrics(clean, step=step)
+
+
+def end_abandoned_run(tracking_uri: str, run_id: str, status: str, note: str) -> list[str]:
+    """End a run, and its child runs, still RUNNING after the process that owned it died; returns the ids ended.
+
+    `status` is FAILED for a killed stage, FINISHED for one whose work completed but which could not end its run
+    (tracking server unreachable at the end). `note` goes into the `stage.ended_by` tag.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    ended = []
+    children = client.search_runs([run.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'")
+    for r in [*children, run]:
+        if r.info.status == "RUNNING":
+            client.set_tag(r.info.run_id, "stage.ended_by", note)
+            client.set_terminated(r.info.run_id, status=status)
+            ended.append(r.info.run_id)
+    return ended

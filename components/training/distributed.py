@@ -42,6 +42,23 @@ def loopback_interface() -> str:
     return names[0] if names else "lo"
 
 
+def interface_towards(host: str) -> str | None:
+    """The name of this machine's network interface that reaches ``host`` (None when it cannot be told)."""
+    import psutil
+
+    try:
+        family = socket.getaddrinfo(host, None, type=socket.SOCK_DGRAM)[0][0]
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))  # UDP connect sends nothing; it only picks the route
+            local_ip = probe.getsockname()[0]
+    except OSError:
+        return None
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == local_ip for a in addresses):
+            return name
+    return None
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return all(info[4][0].startswith("127.") or info[4][0] == "::1"
@@ -104,6 +121,34 @@ def broadcast_from_rank0(value: Any) -> Any:
     return box[0]
 
 
+def rank_share(n: int) -> range:
+    """The items of 0..n-1 this rank works on when a sampling job is split over the ranks: rank, rank + world, ...
+
+    Strided, so every rank gets n // world or one more; with one process it is all of them. Merge the results by
+    item index (:func:`merge_by_index`, or files named by index) and the output is the one process's output.
+    """
+    rank, world = world_info()
+    return range(rank, n, world)
+
+
+def merge_by_index(local: dict[int, Any]) -> list[Any]:
+    """Every rank's ``{item index: result}`` merged into one list ordered by index, on every rank.
+
+    With the per-item seeds fixed by index, this is the same list one process computing every item would give.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list[dict[int, Any] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+        local = {k: v for part in parts for k, v in (part or {}).items()}
+    return [local[i] for i in sorted(local)]
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op for one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def node_rank(nodes: int) -> int:
     """This machine's node rank: 0 on one node, else NODE_RANK or SLURM_NODEID (a UserError when neither is set)."""
     if nodes == 1:
@@ -161,11 +206,28 @@ def launch_ranks(n: int, argv: list[str], env: dict[str, str] | None = None, *, 
         child_env.pop(key, None)
     child_env.setdefault("OMP_NUM_THREADS", "1")
     child_env[TIMEOUT_ENV] = str(timeout_s)
-    if nodes == 1 or _is_loopback(command[command.index("--master_addr") + 1]):
-        child_env.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())  # ranks' gloo sockets on loopback only
+    master_addr = command[command.index("--master_addr") + 1]
+    # The ranks' own sockets (gloo, NCCL) bind the interface that reaches node 0: loopback on one machine, else the
+    # one towards MASTER_ADDR, unless the user named one.
+    interface = loopback_interface() if nodes == 1 or _is_loopback(master_addr) else interface_towards(master_addr)
+    if interface:
+        child_env.setdefault("GLOO_SOCKET_IFNAME", interface)
+        child_env.setdefault("NCCL_SOCKET_IFNAME", interface)
     if env:
         child_env.update(env)
-    return subprocess.run(command, env=child_env, check=False).returncode
+    return subprocess.run(command, env=child_env, check=False, preexec_fn=_die_with_parent).returncode
+
+
+def _die_with_parent() -> None:
+    """In a launched child (before exec): get SIGTERM when the launching process dies, even by SIGKILL, so the
+    ranks never outlive their stage (Linux PR_SET_PDEATHSIG; a no-op elsewhere)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def skip_deepspeed_cpu_shm_op() -> None:

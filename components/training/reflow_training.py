@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import tarfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -21,6 +22,7 @@ from components.data.memory import shuffled_batches
 from components.errors import DataError
 from components.models.store import LoadedModel, build_denoiser
 from components.training.denoiser_training import set_torch_threads
+from components.training.distributed import barrier, rank_share
 from components.training.trainer import Trainer, TrainConfig, TrainResult
 
 COUPLING_KEYS = ("z.npy", "x.npy", "cls.npy")
@@ -92,30 +94,33 @@ def generate_couplings(model: LoadedModel, count: int, batch_size: int, nfe: int
     work_dir.mkdir(parents=True, exist_ok=True)
     shape = list(model.spec["data_shape"])
     n_chunks = math.ceil(count / batch_size)
-    zs, xs, ys, reused = [], [], [], 0
-    bar = tqdm(total=count, desc="couplings", unit="pair", disable=not progress, mininterval=1.0)
-    for chunk in range(n_chunks):
-        size = min(batch_size, count - chunk * batch_size)
-        path = work_dir / f"chunk{chunk:06d}.pt"
-        z, y = chunk_noise(seed, chunk, size, shape, model.num_classes)
-        if path.exists():
-            saved = torch.load(path, weights_only=True)
-            if saved["x"].shape[0] == size:
-                x = saved["x"]
-                reused += 1
-            else:  # a chunk of another size (batch_size changed): regenerate
-                x = solve(model, z, y, nfe, solver)
-        else:
+    sizes = [min(batch_size, count - chunk * batch_size) for chunk in range(n_chunks)]
+    paths = [work_dir / f"chunk{chunk:06d}.pt" for chunk in range(n_chunks)]
+    # Launched on several ranks, each solves its share of the chunks (seeded by chunk index), then all read every
+    # chunk in order: the same pairs as one process.
+    mine = rank_share(n_chunks)
+    reused = 0
+    bar = tqdm(total=sum(sizes[c] for c in mine), desc="couplings", unit="pair", disable=not progress, mininterval=1.0)
+    for chunk in mine:
+        size, path = sizes[chunk], paths[chunk]
+        if path.exists() and torch.load(path, weights_only=True)["x"].shape[0] == size:
+            reused += 1
+        else:  # missing, or a chunk of another size (batch_size changed): (re)generate
+            z, y = chunk_noise(seed, chunk, size, shape, model.num_classes)
             x = solve(model, z, y, nfe, solver)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
             torch.save({"x": x}, tmp)
             tmp.replace(path)  # atomic: a killed run never leaves a half chunk
-        zs.append(z)
-        xs.append(x)
-        if y is not None:
-            ys.append(y)
         bar.update(size)
     bar.close()
+    barrier()
+    zs, xs, ys = [], [], []
+    for chunk in range(n_chunks):
+        z, y = chunk_noise(seed, chunk, sizes[chunk], shape, model.num_classes)
+        zs.append(z)
+        xs.append(torch.load(paths[chunk], weights_only=True)["x"])
+        if y is not None:
+            ys.append(y)
     return torch.cat(zs), torch.cat(xs), (torch.cat(ys) if ys else None), reused
 
 

@@ -60,3 +60,21 @@ def test_yaml_syntax_error_is_one_line(tmp_path):
 
 def test_defaults_validate():
     assert Params().shard.min_shards >= 1
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_floats_are_params_errors(tmp_path, value):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"teacher:\n  lr: {value}\n")
+    with pytest.raises(ParamsError, match=r"teacher\.lr = .*finite number"):
+        load_params(path)
+
+
+def test_duplicate_keys_are_refused_at_any_level(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("teacher:\n  lr: 0.1\nshard:\n  seed: 1\nteacher:\n  steps: 3\n")
+    with pytest.raises(ParamsError, match=r"duplicate key 'teacher' \(line 5; first at line 1\)"):
+        load_params(path)
+    path.write_text("teacher:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ParamsError, match="duplicate key 'lr'"):
+        load_params(path)

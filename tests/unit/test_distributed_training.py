@@ -119,3 +119,29 @@ def test_steps_below_the_checkpoint_step_is_a_one_line_error(tmp_path: Path) -> 
     assert str(e.value) == (f"checkpoint {ck / 'step00000004'} is at step 4 but steps is 3: set steps >= 4 to "
                             f"continue it, or delete {ck} to train 3 steps from scratch")
     shutil.rmtree(ck)
+
+
+def test_node_rank_and_rendezvous_come_from_the_environment(monkeypatch) -> None:
+    from components.errors import UserError
+    from components.training.distributed import (interface_towards, launcher_command, loopback_interface,
+                                                 node_rank, rendezvous_endpoint)
+
+    for var in ("NODE_RANK", "SLURM_NODEID", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert node_rank(1) == 0 and rendezvous_endpoint(1)[0] == "127.0.0.1"
+    with pytest.raises(UserError, match="needs this machine's node rank in NODE_RANK"):
+        node_rank(2)
+    with pytest.raises(UserError, match="needs the rendezvous endpoint in MASTER_ADDR and MASTER_PORT"):
+        rendezvous_endpoint(2)
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    assert node_rank(2) == 1
+    monkeypatch.setenv("NODE_RANK", "2")  # NODE_RANK wins over Slurm's variable, and must be < nodes
+    with pytest.raises(UserError, match="NODE_RANK=2 is not a node rank in 0..1"):
+        node_rank(2)
+    monkeypatch.setenv("NODE_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    command = launcher_command(4, ["-m", "flows.train_worker", "job.json"], nodes=2)
+    assert command[command.index("--nnodes") + 1] == "2" and command[command.index("--node_rank") + 1] == "0"
+    assert command[command.index("--master_port") + 1] == "29555"
+    assert interface_towards("127.0.0.1") == loopback_interface()
