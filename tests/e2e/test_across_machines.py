@@ -144,6 +144,19 @@ def stage_env(servers: dict) -> dict:
     return {"PREFECT_API_URL": servers["prefect"] + "/api", "MLFLOW_TRACKING_URI": servers["mlflow"]}
 
 
+def prefect_logs_of(api_url: str, flow_run_name: str) -> list[str]:
+    """The log lines of the flow run with that name, through the REST API."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[flow_run_name])))
+        assert len(runs) == 1, [r.name for r in runs]
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[runs[0].id])))
+    return [log.message for log in logs]
+
+
 def test_stages_log_through_the_mlflow_server_and_the_model_loads_elsewhere(ui_servers, tmp_path):
     from mlflow import MlflowClient
 
@@ -163,6 +176,10 @@ def test_stages_log_through_the_mlflow_server_and_the_model_loads_elsewhere(ui_s
     # one parent run for the one `dvc repro`, both stage runs its children; the lineage link resolves via the server
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     assert {run.data.tags["mlflow.parentRunId"] for run in by_stage.values()} == {parent[0].info.run_id}
+    # each stage's Prefect flow run is named after the invocation and carries the stage's own output (shard's
+    # progress bar goes to stderr, not through Prefect's logger)
+    logs = prefect_logs_of(ui_servers["prefect"] + "/api", f"shard-{parent[0].info.run_name}")
+    assert any(line.startswith("writing shards") for line in logs), logs
     chain = lineage_chain(by_stage["probe_a"].info.run_id, ui_servers["mlflow"])
     assert [link["stage"] for link in chain] == ["probe_a", "shard"] and not any(link["missing"] for link in chain)
     assert client.list_artifacts(by_stage["shard"].info.run_id)[0].path == "manifest.json"
