@@ -17,6 +17,9 @@ SERVE="${SERVE:-1}"
 CHECK_HOST="$UI_HOST"; [[ "$UI_HOST" == "0.0.0.0" ]] && CHECK_HOST=127.0.0.1
 MLFLOW_BACKEND="${MLFLOW_BACKEND:-sqlite:///$ROOT/mlflow.db}"
 MLFLOW_ARTIFACTS="${MLFLOW_ARTIFACTS:-$ROOT/mlartifacts}"  # or s3://bucket/prefix, gs://..., with the extra installed
+# MLflow's default of 4 server processes restarts them when a loaded machine answers their pings late, dropping
+# requests meanwhile; one is plenty for a few clients (MLFLOW_WORKERS=4 for a busy shared server)
+MLFLOW_WORKERS="${MLFLOW_WORKERS:-1}"
 LOGS="$ROOT/.prefect"
 mkdir -p "$LOGS"
 export DVC_NO_ANALYTICS=true PREFECT_HOME="$LOGS" PREFECT_SERVER_ANALYTICS_ENABLED=false
@@ -57,7 +60,7 @@ env -u PREFECT_API_URL PREFECT_SERVER_API_HOST="$UI_HOST" PREFECT_SERVER_API_POR
 pids+=($!); prefect_pid=$!
 mlflow_hosts=()  # MLflow 3 rejects requests whose Host header it does not know
 [[ "$UI_HOST" == "0.0.0.0" ]] && mlflow_hosts=(--allowed-hosts "$UI_PUBLIC_HOST:$MLFLOW_PORT,localhost:$MLFLOW_PORT,127.0.0.1:$MLFLOW_PORT")
-setsid "$PY" -m mlflow server --host "$UI_HOST" --port "$MLFLOW_PORT" "${mlflow_hosts[@]}" \
+setsid "$PY" -m mlflow server --host "$UI_HOST" --port "$MLFLOW_PORT" --workers "$MLFLOW_WORKERS" "${mlflow_hosts[@]}" \
   --backend-store-uri "$MLFLOW_BACKEND" --artifacts-destination "$MLFLOW_ARTIFACTS" \
   >"$LOGS/ui-mlflow.log" 2>&1 &
 pids+=($!); mlflow_pid=$!
