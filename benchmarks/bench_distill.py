@@ -9,12 +9,16 @@ best SW2, best 2-step student <= 1.2x. Writes benchmarks/results/distill.json.
 """
 from __future__ import annotations
 
+import sys
+
 import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from components.config import ConsistencyParams, DataParams, ModelParams, ProgressiveParams, TeacherParams
 from components.data.loader import infinite_batches, make_loader

@@ -26,27 +26,12 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def run_stage_command(stage: str) -> int:
-    """Run one stage; when it fails, put back the metrics files `dvc repro` deleted before running it."""
-    from flows.runtime import repo_root
-
-    code = 1
-    try:
-        code = _run_stage(stage, repo_root())
-        return code
-    finally:
-        if code != 0:
-            from flows.stage import restore_metrics
-
-            for rel in restore_metrics(repo_root(), stage):
-                print(f"restored {rel} (the stage failed; it is the copy dvc.lock records)", file=sys.stderr)
-
-
-def _run_stage(stage: str, root) -> int:
     from components.config import load_params
     from components.tracking.lineage import resolve_tracking_uri
-    from flows.runtime import InvocationRun, configure_prefect, output_to_prefect, use_home_tracking_store
+    from flows.runtime import InvocationRun, configure_prefect, output_to_prefect, repo_root, use_home_tracking_store
     from flows.stage import check_declared_inputs
 
+    root = repo_root()
     params = load_params(root / "params.yaml")  # fail fast, before any server or output is touched
     check_declared_inputs(root, stage)
     use_home_tracking_store(root, params.tracking.uri)

@@ -34,6 +34,7 @@ from components.io import read_json, write_json
 from components.models.store import SPEC_FILE, WEIGHTS_FILE, LoadedModel, load_denoiser
 from components.preferences.alignment import alignment_block
 from components.tracking.lineage import MANIFEST
+from components.tracking.registry import tag_evaluated_versions
 from components.training.denoiser_training import set_torch_threads
 from flows.runtime import repo_root
 from flows.stage import StageContext, StageSpec, declared_deps, read_manifest, run_stage_in_flow
@@ -191,8 +192,15 @@ def model_plots(name: str, result: protocol.ModelResult, states, reference: prot
 
 
 def evaluate_models(ctx: StageContext, skipped: tuple[str, ...] = ()) -> dict:
-    p = ctx.params.evaluate
     progress = protocol.Progress(_log().info)
+    try:
+        return evaluate_with_progress(ctx, progress, skipped)
+    finally:
+        progress.close()
+
+
+def evaluate_with_progress(ctx: StageContext, progress: protocol.Progress, skipped: tuple[str, ...]) -> dict:
+    p = ctx.params.evaluate
     data_manifest = read_shard_manifest(ctx.path("data/shards"))
     kind = data_manifest["kind"]
     dataset = data_manifest["source"].get("name") or data_manifest["source"]["source"]
@@ -203,6 +211,7 @@ def evaluate_models(ctx: StageContext, skipped: tuple[str, ...] = ()) -> dict:
     models = {name: load_model(ctx.path(f"models/{name}"), data_manifest["shape"]) for name in names}
     # One thread for MLPs: on 2 busy cores, 2 threads made 2-D sampling 5x slower (thread sync dominates).
     set_torch_threads(models[names[0]].spec)
+    progress(f"reference: held-out sets and {protocol.FLOOR_DRAWS} floor draws")
     try:
         reference = build_reference(ctx, kind, dataset, progress)
     except ValueError as e:
@@ -266,6 +275,8 @@ def evaluate_models(ctx: StageContext, skipped: tuple[str, ...] = ()) -> dict:
         "model_lineage": lineage,
     })
     log_to_mlflow(ctx, results, head)
+    tag_evaluated_versions(ctx.params.tracking.experiment, head["metric"], head["models"],
+                           {name: ctx.path(f"models/{name}") for name in names})
     publish_table(results, reference, kind)
     ctx.run.log_artifacts(report, artifact_path="report")
     progress("evaluate: done")

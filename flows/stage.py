@@ -96,6 +96,15 @@ def stage_inputs(repo: Path, spec: StageSpec) -> tuple[str, ...]:
     return tuple(spec.inputs)
 
 
+VERSION_TAGS = ("stage", "git.commit", "dvc.lock.digest", "params.digest")  # + upstream.<stage>.run_id
+
+
+def headline_numbers(metrics: dict, limit: int = 20) -> dict[str, float]:
+    """The stage's top-level numeric metrics (what a registered version carries as tags)."""
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return dict(list(numbers.items())[:limit])
+
+
 def used_params(params: Params, sections: tuple[str, ...]) -> dict[str, Any]:
     return {s: params.section(s).model_dump(mode="json") for s in sections}
 
@@ -147,11 +156,14 @@ def run_stage(spec: StageSpec, body: Callable[[StageContext], Optional[dict]],
                 run.log_metrics(metrics)
                 run.log_artifact(out / MANIFEST)
                 run.set_tags({OUTPUT_DIGEST_TAG: output_digest})
-                if (out / MODEL_SPEC_FILE).exists():  # a model-producing stage: PyTorch flavour + registry
-                    name, version = log_and_register_model(out, params.tracking.experiment, spec.name,
-                                                           tags={"stage": spec.name, "git.commit": run.tags.get("git.commit")})
-                    run.set_tags({"registered_model.name": name, "registered_model.version": version})
-                    record["registered_model"] = {"name": name, "version": version}
+                if (out / MODEL_SPEC_FILE).exists():  # a model-producing stage: a sampling model in the registry
+                    lineage_tags = {k: v for k, v in run.tags.items() if k in VERSION_TAGS or k.startswith("upstream.")}
+                    name, version, reused = log_and_register_model(
+                        out, params.tracking.experiment, spec.name, run.run_id,
+                        tags={**lineage_tags, OUTPUT_DIGEST_TAG: output_digest}, metrics=headline_numbers(metrics))
+                    run.set_tags({"registered_model.name": name, "registered_model.version": version,
+                                  "registered_model.reused": reused})
+                    record["registered_model"] = {"name": name, "version": version, "reused": reused}
             except Exception as e:  # noqa: BLE001  (any MLflow/HTTP failure: the outputs are already in place)
                 if not tracking_uri.startswith(("http://", "https://")):
                     raise
@@ -296,43 +308,6 @@ def _settle_flow_run(flow_run_id: str, completed: bool, note: str) -> bool:
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def restore_metrics(repo: Path, stage: str) -> list[str]:
-    """Put back the stage's metrics files that `dvc repro` deleted before a run that then failed.
-
-    DVC removes every output, metrics included, before it runs a stage; metrics are `cache: false` (git tracks
-    them), so `dvc checkout` cannot restore them. The copy recorded in dvc.lock is taken from DVC's cache (the run
-    cache keeps one of every metrics file it saw) or from git HEAD when its digest matches; dvc.lock is unchanged
-    after a failure, so the restored file makes `dvc status` show only what really changed. Returns what it restored.
-    """
-    restored = []
-    for rel in entry_paths(dvc_stages(repo).get(stage, {}).get("metrics")):
-        path, locked = Path(repo) / rel, dvc_locked_hash(repo, rel)
-        if path.exists() or not locked:
-            continue
-        content = _cached_object(repo, locked) or _git_head_file(repo, rel)
-        if content is not None and hashlib.md5(content).hexdigest() == locked:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(content)
-            restored.append(rel)
-    return restored
-
-
-def _cached_object(repo: Path, md5: str) -> Optional[bytes]:
-    try:
-        from dvc.repo import Repo
-
-        with Repo(str(repo)) as dvc_repo:
-            path = Path(dvc_repo.cache.local.oid_to_path(md5))
-        return path.read_bytes() if path.is_file() else None
-    except Exception:  # no DVC repo or unreadable cache: fall back to git
-        return None
-
-
-def _git_head_file(repo: Path, rel: str) -> Optional[bytes]:
-    result = subprocess.run(["git", "show", f"HEAD:{rel}"], cwd=repo, capture_output=True, timeout=30)
-    return result.stdout if result.returncode == 0 else None
 
 
 def read_manifest(path: Path) -> dict:

@@ -238,6 +238,7 @@ def evaluate_model(name: str, model, reference: Reference, nfe_grid: list[int], 
         return scored[key], x
 
     for nfe in nfe_grid:
+        log(f"{name} NFE {nfe}: default sampler {default.label} on {reference.n} points")
         entry, x = score(default, nfe)
         result.entry["nfe"][str(nfe)] = entry
         result.samples[nfe] = x
@@ -259,6 +260,8 @@ def evaluate_model(name: str, model, reference: Reference, nfe_grid: list[int], 
         else:
             best = default
         result.entry["sweep"][str(nfe)] = sweep
+        if len(sweep) > 1:
+            log(f"{name} NFE {nfe}: swept {len(sweep)} candidates on {n_sweep} points; best {best.label}")
         if best.label == default.label:
             result.entry["best"][str(nfe)] = entry
             result.best_samples[nfe] = x
@@ -375,10 +378,30 @@ def results_rows(models: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """Progress lines: every call is logged with the elapsed time (callers call at least every ~30 s of work)."""
+    """Progress lines with the elapsed time; a heartbeat thread repeats the current step every `heartbeat` seconds
+    while one step runs longer (sampling 10k points at NFE 64 does), so a line appears at least that often."""
 
-    def __init__(self, log: Log) -> None:
+    def __init__(self, log: Log, heartbeat: float = 25.0) -> None:
+        import threading
+
         self._log, self.start = log, time.perf_counter()
+        self._last, self._current = self.start, "starting"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(heartbeat,), daemon=True)
+        self._thread.start()
+
+    def _beat(self, heartbeat: float) -> None:
+        while not self._stop.wait(min(1.0, heartbeat / 3)):
+            if time.perf_counter() - self._last >= heartbeat:
+                self(f"... still on: {self._current}")
 
     def __call__(self, message: str) -> None:
-        self._log(f"[{time.perf_counter() - self.start:6.1f} s] {message}")
+        now = time.perf_counter()
+        self._last = now
+        if not message.startswith("..."):
+            self._current = message
+        self._log(f"[{now - self.start:6.1f} s] {message}")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -88,11 +88,14 @@ class LoadedModel:
             return sample(denoiser, self.schedule, grid or defaults.get("grid", "edm"), noise, method=method,
                           steps=steps, cond=cond, return_trajectory=return_trajectory, generator=generator)
 
+    @staticmethod
+    def student_steps(spec: dict[str, Any], nfe: int) -> int:
+        """Of the kept students (spec["students"]: {"<steps>": "<subdir>"}), the most steps <= nfe (else the fewest)."""
+        counts = sorted(int(k) for k in spec["students"])
+        return max([c for c in counts if c <= nfe], default=counts[0])
+
     def student_for(self, nfe: int) -> "LoadedModel":
-        """The kept student (spec["students"]: {"<steps>": "<subdir>"}) with the most steps <= nfe (else the fewest)."""
-        counts = sorted(int(k) for k in self.spec["students"])
-        chosen = max([c for c in counts if c <= nfe], default=counts[0])
-        return load_denoiser(self.directory / self.spec["students"][str(chosen)])
+        return load_denoiser(self.directory / self.spec["students"][str(self.student_steps(self.spec, nfe))])
 
 
 def load_denoiser(directory: Path | str) -> LoadedModel:
