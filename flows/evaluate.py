@@ -34,6 +34,7 @@ from components.io import read_json, write_json
 from components.models.store import SPEC_FILE, WEIGHTS_FILE, LoadedModel, load_denoiser
 from components.preferences.alignment import alignment_block
 from components.tracking.lineage import MANIFEST
+from components.tracking.registry import tag_evaluated_versions
 from components.training.denoiser_training import set_torch_threads
 from flows.runtime import repo_root
 from flows.stage import StageContext, StageSpec, declared_deps, read_manifest, run_stage_in_flow
@@ -274,6 +275,8 @@ def evaluate_with_progress(ctx: StageContext, progress: protocol.Progress, skipp
         "model_lineage": lineage,
     })
     log_to_mlflow(ctx, results, head)
+    tag_evaluated_versions(ctx.params.tracking.experiment, head["metric"], head["models"],
+                           {name: ctx.path(f"models/{name}") for name in names})
     publish_table(results, reference, kind)
     ctx.run.log_artifacts(report, artifact_path="report")
     progress("evaluate: done")

@@ -13,9 +13,8 @@ A stage flow is `run_stage(SPEC, body)` inside a Prefect @flow. `run_stage`:
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from components.errors import DataError, UserError
 from components.io import (HolderLock, LockHeld, atomic_output_dir, describe_holder, file_records, read_json,
                            remove_stale_temp_dirs, verify_file_records, write_json)
 from components.tracking.lineage import (MANIFEST, OUTPUT_DIGEST_TAG, StageRun, content_digest, describe_input,
-                                         dvc_locked_hash, dvc_stages, end_abandoned_run, entry_paths,
+                                         dvc_stages, end_abandoned_run, entry_paths,
                                          output_producers, resolve_tracking_uri, run_record_path)
 from components.tracking.registry import MODEL_SPEC_FILE, check_tracking_server, log_and_register_model
 from flows.runtime import repo_root
@@ -99,6 +98,16 @@ def stage_inputs(repo: Path, spec: StageSpec) -> tuple[str, ...]:
 VERSION_TAGS = ("stage", "git.commit", "dvc.lock.digest", "params.digest")  # + upstream.<stage>.run_id
 
 
+def check_no_run_ids(stage: str, manifest: dict, run_ids: list[str]) -> None:
+    """A run id in the output would change its hash on every rerun (and make everything downstream stale): a bug
+    in the stage body, which should put run-specific facts into `ctx.record` (the run record) instead."""
+    text = json.dumps(manifest, default=str)
+    leaked = sorted({run_id for run_id in run_ids if run_id and run_id in text})
+    if leaked:
+        raise RuntimeError(f"stage '{stage}' put MLflow run id(s) {', '.join(leaked)} into its output manifest; "
+                           "record them in ctx.record (data/<stage>/run.json) so the output hash stays stable")
+
+
 def headline_numbers(metrics: dict, limit: int = 20) -> dict[str, float]:
     """The stage's top-level numeric metrics (what a registered version carries as tags)."""
     numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -135,9 +144,11 @@ def run_stage(spec: StageSpec, body: Callable[[StageContext], Optional[dict]],
                 # Only what the inputs determine goes into the output, so an unchanged rerun keeps its DVC hash and
                 # leaves everything downstream up to date; run ids, commit and times go to the run record below.
                 # `files` (size + md5 of each file) lets every reader check the output is intact (check_inputs).
-                write_json(tmp / MANIFEST, {**ctx.manifest, FILES_KEY: file_records(tmp), "lineage": {
+                manifest = {**ctx.manifest, FILES_KEY: file_records(tmp), "lineage": {
                     "stage": spec.name, "params": stage_params,
-                    "inputs": [{"path": r["path"], "stage": r["stage"], "digest": r["content_digest"]} for r in inputs]}})
+                    "inputs": [{"path": r["path"], "stage": r["stage"], "digest": r["content_digest"]} for r in inputs]}}
+                check_no_run_ids(spec.name, manifest, [run.run_id, *run.child_run_ids])
+                write_json(tmp / MANIFEST, manifest)
             metrics = {**metrics, "stage_seconds": round(time.time() - started, 3)}
             metrics_file = repo / spec.metrics_path
             metrics_file.parent.mkdir(parents=True, exist_ok=True)

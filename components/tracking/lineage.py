@@ -222,6 +222,7 @@ class StageRun:
         self.extra_tags = extra_tags or {}
         self.run_id: Optional[str] = None
         self.parent_run_id = os.environ.get(PARENT_RUN_ENV) or None
+        self.child_run_ids: list[str] = []
         self.tags: dict[str, str] = {}
 
     def __enter__(self) -> "StageRun":
@@ -287,6 +288,7 @@ class StageRun:
                     "git.commit": self.tags.get("git.commit", "unknown"),
                     **{k: str(v) for k, v in (tags or {}).items()}}
         with mlflow.start_run(run_name=name, nested=True, tags=all_tags) as run:
+            self.child_run_ids.append(run.info.run_id)
             if params:
                 mlflow.log_params({k: ("null" if v is None else v) for k, v in flatten(params).items()})
             yield ChildRun(run.info.run_id, mlflow)

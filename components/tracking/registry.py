@@ -124,6 +124,27 @@ def log_and_register_model(model_dir: Path, experiment: str, stage: str, run_id:
     return name, version, False
 
 
+def tag_evaluated_versions(experiment: str, metric: str, headline: dict[str, dict],
+                           model_dirs: dict[str, Path]) -> dict[str, str]:
+    """Put each model's headline evaluation (`eval.<metric>.<nfe1|...|best>`, intervals as `lo..hi`) on the
+    registered version that holds exactly the evaluated weights (same `model.digest`). Returns {model: version}."""
+    from mlflow import MlflowClient
+
+    client, tagged = MlflowClient(), {}
+    for model, row in headline.items():
+        if model not in model_dirs:
+            continue
+        name = registered_model_name(experiment, model)
+        version = version_with_digest(client, name, model_digest(model_dirs[model]))
+        if version is None:
+            continue
+        for key, value in row.items():
+            text = f"{value[0]}..{value[1]}" if isinstance(value, (list, tuple)) else str(value)
+            client.set_model_version_tag(name, str(version.version), f"eval.{metric}.{key}", text)
+        tagged[model] = str(version.version)
+    return tagged
+
+
 def promote(experiment: str, stage: str, version: Optional[str] = None, alias: str = CHAMPION_ALIAS) -> str:
     """Point `alias` (default `champion`) of `<experiment>-<stage>` at `version` (default: the newest). Returns it."""
     from mlflow import MlflowClient

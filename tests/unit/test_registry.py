@@ -148,3 +148,19 @@ def test_the_experiment_opens_on_its_training_runs(tmp_path, tracking):
     old = mlflow.create_experiment("made-before-the-tag")  # an experiment an older version created
     ensure_experiment("made-before-the-tag", tracking, tmp_path)
     assert MlflowClient().get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_evaluation_headline_lands_on_the_version_with_those_weights(tmp_path, tracking):
+    from mlflow import MlflowClient
+
+    from components.tracking.registry import tag_evaluated_versions
+
+    directory = model_dirs(tmp_path / "models")["teacher"]
+    register(directory, "teacher")
+    headline = {"teacher": {"nfe1": 3.2, "nfe1_ci": [2.9, 3.5], "best": 1.1, "best_nfe": 16},
+                "reflow": {"best": 1.4}}  # no registered reflow model: skipped
+    assert tag_evaluated_versions(EXPERIMENT, "sw2_ratio", headline, {"teacher": directory}) == {"teacher": "1"}
+    tags = MlflowClient().get_model_version(f"{EXPERIMENT}-teacher", "1").tags
+    assert tags["eval.sw2_ratio.best"] == "1.1" and tags["eval.sw2_ratio.nfe1_ci"] == "2.9..3.5"
+    save(directory, spec(), 7)  # weights that were never registered: nothing to tag
+    assert tag_evaluated_versions(EXPERIMENT, "sw2_ratio", headline, {"teacher": directory}) == {}

@@ -173,3 +173,13 @@ def test_git_ignores_cached_outputs_and_tracks_metrics():
 
     assert [p for p in outs if not ignored(p)] == []
     assert [p for p in metrics if ignored(p)] == []
+
+
+def test_a_run_id_in_an_output_manifest_is_refused():
+    import pytest
+
+    from flows.stage import check_no_run_ids
+
+    check_no_run_ids("reflow", {"rounds": [{"round": 1, "loss": 0.1}]}, ["a" * 32])
+    with pytest.raises(RuntimeError, match="ctx.record"):
+        check_no_run_ids("reflow", {"rounds": [{"round": 1, "mlflow_run_id": "a" * 32}]}, ["b" * 32, "a" * 32])
