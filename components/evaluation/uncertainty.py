@@ -311,11 +311,13 @@ def fd_with_interval(feats_gen, feats_ref, seed: int = BOOT_SEED, n_boot: int = 
                                                 y.mean(0), np.atleast_2d(np.cov(y, rowvar=False)))
 
     value = fd(a, b)
+    if n_boot < 1:  # the value alone (floor draws, sweep selection)
+        return Estimate(value, value, value)
     rng = np.random.default_rng(seed)
     replicates = np.array([fd(a[rng.integers(0, a.shape[0], a.shape[0])], b[rng.integers(0, b.shape[0], b.shape[0])])
                            for _ in range(n_boot)])
     lo, hi = np.quantile(replicates, [0.025, 0.975])
-    return Estimate(value, max(0.0, 2 * value - hi), 2 * value - lo)
+    return Estimate(value, max(0.0, min(2 * value - hi, value)), max(2 * value - lo, value))
 
 
 def floor_from_values(values) -> Floor:
