@@ -20,7 +20,7 @@ from components.models.store import load_denoiser
 from components.preferences.bradley_terry import save_reward_model, train_reward_model
 from components.preferences.pairs import SEED_BASE, collect_pairs, read_labelled_pairs, write_pair_shards
 from components.preferences.rewards import make_reward
-from components.training.denoiser_training import set_torch_threads
+from components.training.recipe import set_torch_threads
 from flows.runtime import repo_root
 from flows.stage import StageContext, StageSpec, read_manifest, run_stage_in_flow
 

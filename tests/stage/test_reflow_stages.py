@@ -31,11 +31,11 @@ def _json(path):
 def test_couplings_then_reflow_straighten_paths_and_beat_the_teacher_at_one_step(taught):
     r = run_flows(taught, "couplings")
     assert r.returncode == 0, r.stderr[-3000:]
-    manifest = _json(taught / "data/couplings/pairs/manifest.json")
+    manifest = _json(taught / "data/couplings/shards/manifest.json")
     teacher_run = _json(taught / "models/teacher/manifest.json")["lineage"]["mlflow_run_id"]
     assert manifest["count"] == 2000 and manifest["nfe"] == 32 and manifest["solver"] == "heun"
     assert manifest["teacher"]["mlflow_run_id"] == teacher_run
-    z, x, y = read_couplings(taught / "data/couplings/pairs", manifest["shards"])
+    z, x, y = read_couplings(taught / "data/couplings/shards")
     assert z.shape == x.shape == (2000, 2) and y is None
     # The pairs are the teacher's ODE solutions of the recorded fixed-seed noise.
     teacher = load_denoiser(taught / "models/teacher")
@@ -76,11 +76,11 @@ def test_couplings_then_reflow_straighten_paths_and_beat_the_teacher_at_one_step
 def _bad_input_rounds_and_distillation(taught):
     """couplings: count < batch size is a params error, too few NFE warns; reflow: count < batch size is refused,
     k = 2 rounds + two-step distillation are nested child runs."""
-    before = (taught / "data/couplings/pairs/manifest.json").read_text()
+    before = (taught / "data/couplings/shards/manifest.json").read_text()
     set_params(taught, {"couplings": {**COUPLINGS, "count": 100, "batch_size": 500}})
     r = run_flows(taught, "couplings")
     assert r.returncode != 0 and "couplings" in r.stderr and "smaller than batch_size" in r.stderr
-    assert (taught / "data/couplings/pairs/manifest.json").read_text() == before  # nothing written
+    assert (taught / "data/couplings/shards/manifest.json").read_text() == before  # nothing written
     set_params(taught, {"couplings": {**COUPLINGS, "count": 500, "nfe": 1, "max_error": 1e-4}})
     r = run_flows(taught, "couplings")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -14,8 +14,9 @@ from components.evaluation.metrics import straightness
 from components.models.store import build_denoiser
 from components.objectives.reflow import (EulerDistillObjective, ReflowObjective, coupling_diagnostics,
                                           reflow_loss, rotation_matrix, rotation_velocity, transport_cost)
-from components.training.reflow_training import (generate_couplings, loaded_from_state, read_couplings,
-                                                 student_spec, write_coupling_shards)
+from components.models.store import LoadedModel
+from components.training.reflow_training import (generate_couplings, read_couplings, student_spec,
+                                                 write_coupling_shards)
 
 MU, STD = torch.tensor([2.0, -1.0], dtype=torch.float64), 0.5
 FLOW = make_schedule("flow")
@@ -108,7 +109,7 @@ def test_euler_distill_objective_unrolls_the_same_steps_as_the_euler_sampler(tmp
     spec = _tiny_spec()
     # random weights everywhere (a fresh network's zero-initialised output layer would make every field zero)
     state = {k: torch.randn_like(v) * 0.5 for k, v in build_denoiser(spec).state_dict().items()}
-    model = loaded_from_state(spec, state, tmp_path)
+    model = _loaded(spec, state, tmp_path)
     z = torch.randn(64, 2, generator=torch.Generator().manual_seed(2))
     x = model.sample(z, steps=2, method="euler", grid="uniform").x
     with torch.no_grad():
@@ -166,7 +167,7 @@ def test_student_spec_refuses_a_non_velocity_teacher_and_samples_with_euler():
 def test_couplings_resume_from_finished_chunks_and_round_trip_through_shards(tmp_path):
     torch.manual_seed(0)
     spec = _tiny_spec()
-    model = loaded_from_state(spec, build_denoiser(spec).state_dict(), tmp_path)
+    model = _loaded(spec, build_denoiser(spec).state_dict(), tmp_path)
     z, x, y, reused = generate_couplings(model, 10, 4, nfe=4, solver="heun", seed=7, work_dir=tmp_path / "w",
                                          progress=False)
     assert reused == 0 and z.shape == x.shape == (10, 2) and y is None
@@ -176,8 +177,14 @@ def test_couplings_resume_from_finished_chunks_and_round_trip_through_shards(tmp
                                            progress=False)
     assert reused == 2 and torch.equal(z, z2) and torch.equal(x, x2)
     shards = write_coupling_shards(tmp_path, z, x, y, samples_per_shard=6, samples_per_record=4)
-    assert shards == ["pairs-000000.tar", "pairs-000001.tar"]
-    z3, x3, y3 = read_couplings(tmp_path, shards)
+    assert shards == ["couplings-000000.tar", "couplings-000001.tar"]
+    z3, x3, y3 = read_couplings(tmp_path)
     assert torch.equal(z3, z) and torch.equal(x3, x) and y3 is None
     with pytest.raises(DataError, match="couplings.count=3 is smaller than couplings.batch_size=4"):
         generate_couplings(model, 3, 4, nfe=4, solver="heun", seed=7, work_dir=tmp_path / "w", progress=False)
+
+
+def _loaded(spec, state, directory) -> LoadedModel:
+    denoiser = build_denoiser(spec)
+    denoiser.load_state_dict(state)
+    return LoadedModel(denoiser.eval(), spec, directory)

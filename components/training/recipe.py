@@ -1,0 +1,160 @@
+"""The one training recipe. Every training stage (teacher, reflow, progressive, consistency, dpo) describes its run
+as a `TrainJob`: which task, the task's JSON-able inputs, the Trainer's settings, where to checkpoint and export.
+`run_job` runs it in this process, or as `processes` ranks of `python -m components.training.worker JOB` through
+the one launcher; every rank runs the same `run_job_here`, so a stage is made multi-process by its `processes`
+setting alone.
+
+A task builder (registered in TASKS) turns a job's `args` into a `TrainingTask`: the model, the loss, the batches and
+the checkpoint fingerprint. `train` runs the one Trainer on it: resume from the checkpoint dir, fit, export the EMA.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from components.config import RESUMABLE_SETTINGS, TrainConfig
+from components.training.distributed import launch_ranks, world_info
+from components.training.trainer import Trainer
+
+LogFn = Callable[[dict, int], None]
+
+# task name -> "module:function" building a TrainingTask from (args, config, world_size); imported when used, so
+# this module does not import every stage's components.
+TASKS = {
+    "denoiser": "components.training.denoiser_training:denoiser_task",
+    "coupling": "components.training.reflow_training:coupling_task",
+    "progressive_round": "components.training.distillation:progressive_round_task",
+    "consistency": "components.training.distillation:consistency_task",
+    "dpo": "components.preferences.finetune:dpo_task",
+}
+
+
+@dataclass
+class TrainingTask:
+    """What the Trainer needs: the module it trains, its loss, this rank's micro-batches, the checkpoint
+    fingerprint, and optionally how the EMA state becomes the exported weights (default: as it is)."""
+
+    model: nn.Module
+    loss_fn: Callable
+    batches: Iterable[dict]
+    fingerprint: dict
+    export_state: Optional[Callable[[dict], dict]] = None
+
+
+@dataclass
+class TrainOutcome:
+    steps: int
+    final_loss: float
+    history: list[dict] = field(default_factory=list)
+    resumed_from: int = 0  # the step training resumed from (0: a fresh start)
+
+
+@dataclass
+class TrainJob:
+    """One training run, JSON-able so that launched ranks can read it from a file."""
+
+    task: str  # a key of TASKS
+    args: dict[str, Any]  # the task's inputs (paths as strings, specs, objective settings)
+    train: dict[str, Any]  # TrainConfig fields
+    checkpoint_dir: str
+    export: str  # the exported (EMA) weights file
+    processes: int = 1
+    torch_threads: int = 0  # 0: auto (set_torch_threads)
+    tracking_uri: Optional[str] = None  # launched ranks: rank 0 logs metrics into this MLflow run
+    run_id: Optional[str] = None
+
+
+def fingerprint(*parts: Any) -> str:
+    """Short hash of JSON-able parts: names a checkpoint or work directory (same inputs -> same directory)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.md5(blob).hexdigest()[:12]
+
+
+def checkpoint_dir(root: Path | str, config: TrainConfig, *identity: Any) -> Path:
+    """`root/<fingerprint>` of what identifies the run (model, data, objective: `identity`) and the settings that
+    change what it computes; RESUMABLE_SETTINGS (steps, ...) are left out, so raising `steps` resumes."""
+    settings = config.model_dump(mode="json", include=set(TrainConfig.model_fields) - set(RESUMABLE_SETTINGS))
+    return Path(root) / fingerprint(*identity, settings)
+
+
+def set_torch_threads(spec: dict[str, Any], requested: int = 0) -> int:
+    """Intra-op threads for this process running the model of `spec`: `requested`, or for 0 one thread for MLPs
+    (a small MLP step is dominated by thread synchronisation, which collapses when cores are shared) and all cores
+    for UNets."""
+    threads = requested or (1 if spec["network"]["kind"] == "mlp" else max(1, os.cpu_count() or 1))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def train(task: TrainingTask, config: TrainConfig, checkpoint_dir: Path | str, export: Path | str,
+          log_fn: Optional[LogFn] = None) -> TrainOutcome:
+    """The one Trainer on `task`: resume from `checkpoint_dir`, fit `config.steps` steps, export the EMA weights
+    (rank 0) to `export`. Checkpoint and non-finite-loss errors are user errors (one line, no traceback)."""
+    trainer = Trainer(task.model, task.loss_fn, config, checkpoint_dir, log_fn=log_fn, fingerprint=task.fingerprint)
+    found = trainer.latest_checkpoint()
+    resumed_from = int(found[1]["step"]) if found else 0
+    if resumed_from and trainer.rank == 0:
+        print(f"resuming from step {resumed_from} (checkpoint in {checkpoint_dir})", file=sys.stderr)
+    result = trainer.fit(task.batches)
+    if task.export_state is None:
+        trainer.export(export)
+    elif trainer.rank == 0:
+        export = Path(export)
+        export.parent.mkdir(parents=True, exist_ok=True)
+        tmp = export.with_name(f".{export.name}.tmp")
+        torch.save(task.export_state(trainer.ema_state_dict()), tmp)
+        os.replace(tmp, export)
+    return TrainOutcome(result.steps, result.final_loss, result.history, resumed_from)
+
+
+def build_task(job: TrainJob, config: TrainConfig, world_size: int) -> TrainingTask:
+    if job.task not in TASKS:
+        raise ValueError(f"unknown training task {job.task!r} (known: {', '.join(TASKS)})")
+    module, function = TASKS[job.task].split(":")
+    return getattr(importlib.import_module(module), function)(job.args, config, world_size, job.torch_threads)
+
+
+def run_job_here(job: TrainJob, log_fn: Optional[LogFn] = None) -> TrainOutcome:
+    """Run `job` in this process (one rank of a launch, or the whole run)."""
+    _, world = world_info()
+    config = TrainConfig(**job.train)
+    task = build_task(job, config, world)
+    return train(task, config, job.checkpoint_dir, job.export, log_fn=log_fn)
+
+
+def run_job(job: TrainJob, log_fn: Optional[LogFn] = None) -> TrainOutcome:
+    """Run `job` here (processes 1, metrics to `log_fn`) or as `job.processes` local ranks (rank 0 logs into the
+    MLflow run `job.run_id`); returns rank 0's outcome either way."""
+    if job.processes == 1:
+        return run_job_here(job, log_fn)
+    work = Path(job.checkpoint_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    job_file, result_file = work / "job.json", work / "outcome.json"
+    result_file.unlink(missing_ok=True)
+    job_file.write_text(json.dumps(dataclasses.asdict(job)))
+    code = launch_ranks(job.processes, ["-m", "components.training.worker", str(job_file), str(result_file)])
+    if code != 0:
+        raise RuntimeError(f"training ranks of {job.task} exited with code {code} (see their output above)")
+    outcome = TrainOutcome(**json.loads(result_file.read_text()))
+    job_file.unlink()
+    result_file.unlink()
+    return outcome
+
+
+def training_job(task: str, args: dict[str, Any], params, config: TrainConfig, checkpoint_dir: Path | str,
+                 export: Path | str, run_id: Optional[str] = None, tracking_uri: Optional[str] = None) -> TrainJob:
+    """A TrainJob of a stage: `params` is its section (a TrainParams: processes, torch_threads), `config` the
+    Trainer's settings (usually `params.train_config()`), `run_id` the MLflow run launched ranks log into."""
+    return TrainJob(task, args, config.model_dump(mode="json"), str(checkpoint_dir), str(export),
+                    processes=params.processes, torch_threads=params.torch_threads, tracking_uri=tracking_uri,
+                    run_id=run_id)
