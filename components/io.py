@@ -1,4 +1,4 @@
-"""Small I/O building blocks shared by every stage: atomic output directories, JSON, content digests."""
+"""Small I/O building blocks shared by every stage: atomic output directories, JSON, content digests, a free port."""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -88,3 +89,10 @@ def tree_digest(root: Path | str, exclude: tuple[str, ...] = ("manifest.json",))
             continue
         h.update(rel.encode() + b"\0" + file_md5(p).encode() + b"\n")
     return h.hexdigest()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a local server or a rank rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -13,7 +13,6 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from components.errors import UserError
+from components.io import free_port
 
 STATE_DIR = ".prefect"
 STATE_FILE = "server.json"
@@ -43,12 +43,6 @@ def api_healthy(api_url: str, timeout: float = 2.0) -> bool:
             return r.status == 200
     except (OSError, ValueError):
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def configure_prefect(root: Path) -> str:

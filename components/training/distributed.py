@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import torch
 import torch.distributed as dist
 
-
-def find_free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from components.io import free_port
 
 
 def ensure_process_group_env() -> None:
@@ -27,7 +21,7 @@ def ensure_process_group_env() -> None:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(find_free_port())
+        os.environ["MASTER_PORT"] = str(free_port())
     if not torch.cuda.is_available():  # skip DeepSpeed's accelerator probe and its warning on CPU machines
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -59,7 +53,7 @@ def launch_ranks(n: int, argv: list[str], env: dict[str, str] | None = None) -> 
     command = [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", "1", "--nproc_per_node", str(n),
-        "--master_addr", "127.0.0.1", "--master_port", str(find_free_port()),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         *argv,
     ]
     return subprocess.run(command, env=child_env, check=False).returncode

@@ -11,10 +11,9 @@ from components.diffusion.samplers import sample
 from components.diffusion.schedules import make_schedule
 from components.errors import DataError
 from components.evaluation.metrics import straightness
-from components.models.store import build_denoiser
+from components.models.store import LoadedModel, build_denoiser
 from components.objectives.reflow import (EulerDistillObjective, ReflowObjective, coupling_diagnostics,
-                                          reflow_loss, rotation_matrix, rotation_velocity, transport_cost)
-from components.models.store import LoadedModel
+                                          reflow_loss, transport_cost)
 from components.training.reflow_training import (generate_couplings, read_couplings, student_spec,
                                                  write_coupling_shards)
 
@@ -188,3 +187,29 @@ def _loaded(spec, state, directory) -> LoadedModel:
     denoiser = build_denoiser(spec)
     denoiser.load_state_dict(state)
     return LoadedModel(denoiser.eval(), spec, directory)
+
+
+def rotation_velocity(rotation: torch.Tensor):
+    """Exact velocity of the coupling (z, x = A z) with A a rotation, on x_t = (1 - t) x + t z:
+    v_t(y) = (I - A) ((1 - t) A + t I)^{-1} y (the notes' counterexample, in our time convention).
+
+    A rotation without eigenvalue -1 keeps (1 - t) A + t I invertible on [0, 1], so the paths never cross and the
+    reflow loss is exactly zero, although the coupling is not optimal transport (the OT map of N(0, I) to
+    itself is the identity).
+    """
+    a = torch.as_tensor(rotation, dtype=torch.float64)
+    eye = torch.eye(a.shape[0], dtype=torch.float64)
+
+    def velocity(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t64 = t.to(torch.float64)[:, None, None]
+        mats = (1 - t64) * a + t64 * eye  # [B, D, D]
+        solved = torch.linalg.solve(mats, y.to(torch.float64).unsqueeze(-1)).squeeze(-1)
+        return (solved @ (eye - a).T).to(y.dtype)
+
+    return velocity
+
+
+def rotation_matrix(angle: float) -> torch.Tensor:
+    """2-D rotation by `angle` radians (float64)."""
+    c, s = math.cos(angle), math.sin(angle)
+    return torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
