@@ -24,10 +24,10 @@ from components.data.sources import load_source
 from components.evaluation.metrics import sliced_wasserstein2
 from components.io import write_json
 from components.models.store import WEIGHTS_FILE, load_denoiser, save_spec
-from components.training.denoiser_training import objective_config, teacher_spec
-from components.training.distillation import (consistency_objective_settings, consistency_spec,
+from components.training.denoiser_training import denoiser_task, objective_config, teacher_spec
+from components.training.distillation import (consistency_objective_settings, consistency_spec, consistency_task,
                                               progressive_distillation)
-from components.training.recipe import TrainJob, run_job
+from components.training.recipe import TrainJob, run_job, task_ref
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -53,7 +53,7 @@ def main() -> None:
         p = TeacherParams()
         spec = teacher_spec(manifest, ModelParams(), p)
         args.teacher_dir = tmp / "teacher"
-        run_job(TrainJob("denoiser", {"spec": spec, "objective": objective_config(spec, p), "shards": str(shards)},
+        run_job(TrainJob(task_ref(denoiser_task), {"spec": spec, "objective": objective_config(spec, p), "shards": str(shards)},
                          p.train_config(progress_bar=False).model_dump(mode="json"), str(tmp / "ckpt-teacher"),
                          str(args.teacher_dir / WEIGHTS_FILE)))
         save_spec(args.teacher_dir, spec)
@@ -82,7 +82,7 @@ def main() -> None:
     cd = ConsistencyParams(progress_bar=False, **({"steps": args.cd_steps} if args.cd_steps else {}))
     spec = consistency_spec({k: v for k, v in teacher.spec.items() if k != "sampler"}, cd)
     start = time.time()
-    run_job(TrainJob("consistency", {"spec": spec, "teacher": str(args.teacher_dir),
+    run_job(TrainJob(task_ref(consistency_task), {"spec": spec, "teacher": str(args.teacher_dir),
                                      "objective": consistency_objective_settings(cd), "origin": "bench",
                                      "shards": str(shards)},
                      cd.train_config().model_dump(mode="json"), str(tmp / "ckpt-cd"), str(tmp / "cd" / WEIGHTS_FILE)))

@@ -20,12 +20,12 @@ from components.data.sources import load_source
 from components.io import write_json
 from components.models.store import SPEC_FILE, WEIGHTS_FILE, load_denoiser
 from components.preferences.alignment import evaluate_alignment, heldout_implicit_accuracy
-from components.preferences.finetune import time_sampler_for
+from components.preferences.finetune import dpo_task, time_sampler_for
 from components.preferences.pairs import collect_pairs, write_pair_shards
 from components.preferences.rewards import make_reward
 from components.objectives.dpo import default_mse_target
-from components.training.denoiser_training import objective_config, teacher_spec
-from components.training.recipe import TrainJob, run_job, set_torch_threads
+from components.training.denoiser_training import denoiser_task, objective_config, teacher_spec
+from components.training.recipe import TrainJob, run_job, set_torch_threads, task_ref
 
 
 def prepare_teacher(workdir: Path, teacher_steps: int) -> Path:
@@ -43,7 +43,7 @@ def prepare_teacher(workdir: Path, teacher_steps: int) -> Path:
         params = TeacherParams(steps=teacher_steps, batch_size=512)
         spec = teacher_spec(read_shard_manifest(shards), ModelParams(), params)
         started = time.time()
-        run_job(TrainJob("denoiser", {"spec": spec, "objective": objective_config(spec, params), "shards": str(shards)},
+        run_job(TrainJob(task_ref(denoiser_task), {"spec": spec, "objective": objective_config(spec, params), "shards": str(shards)},
                          params.train_config(progress_bar=False).model_dump(mode="json"), str(workdir / "ckpt_teacher"),
                          str(teacher / WEIGHTS_FILE)))
         (teacher / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
@@ -84,7 +84,7 @@ def main() -> None:
     for beta in args.betas or [dpo.beta]:
         out = args.workdir / f"dpo_beta{beta:g}"
         started = time.time()
-        run_job(TrainJob("dpo", {"reference": str(teacher_dir), "pairs": str(pair_dir), "beta": beta,
+        run_job(TrainJob(task_ref(dpo_task), {"reference": str(teacher_dir), "pairs": str(pair_dir), "beta": beta,
                                  "holdout_fraction": dpo.holdout_fraction, "split_seed": dpo.seed},
                          train, str(out / "ckpt"), str(out / "model" / WEIGHTS_FILE)))
         seconds = time.time() - started

@@ -29,8 +29,9 @@ from components.data.shards import read_split
 from components.evaluation.metrics import disjoint_subsets, sliced_wasserstein2
 from components.io import write_json
 from components.models.store import WEIGHTS_FILE, load_denoiser, model_from_weights
-from components.training.recipe import TrainJob, run_job, set_torch_threads
-from components.training.reflow_training import (coupling_error, chunk_noise, generate_couplings, path_straightness,
+from components.training.recipe import TrainJob, run_job, set_torch_threads, task_ref
+from components.training.reflow_training import (coupling_error, chunk_noise, coupling_task, generate_couplings,
+                                                 path_straightness,
                                                  student_spec, write_coupling_shards)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,7 +60,7 @@ def main() -> None:
     model, weights = teacher, args.teacher / WEIGHTS_FILE
 
     def train_on(couplings_dir: Path, init: Path, objective: dict, steps: int, work: Path) -> Path:
-        job = TrainJob("coupling", {"spec": spec, "init": str(init), "objective": objective,
+        job = TrainJob(task_ref(coupling_task), {"spec": spec, "init": str(init), "objective": objective,
                                     "couplings": str(couplings_dir)},
                        rp.train_config(steps=steps, progress_bar=False).model_dump(mode="json"), str(work / "ckpt"),
                        str(work / "export.pt"))

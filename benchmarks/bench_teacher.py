@@ -22,8 +22,8 @@ from components.data.sources import load_source
 from components.evaluation.metrics import mmd_rbf, sliced_wasserstein2
 from components.io import write_json
 from components.models.store import load_denoiser, save_denoiser
-from components.training.denoiser_training import objective_config, teacher_spec
-from components.training.recipe import TrainJob, run_job
+from components.training.denoiser_training import denoiser_task, objective_config, teacher_spec
+from components.training.recipe import TrainJob, run_job, task_ref
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -63,7 +63,7 @@ def main() -> None:
             for milestone in args.milestones:
                 train = p.train_config(steps=milestone, checkpoint_every=milestone, progress_bar=False)
                 start = time.time()
-                run_job(TrainJob("denoiser", {"spec": spec, "objective": objective, "shards": str(shards)},
+                run_job(TrainJob(task_ref(denoiser_task), {"spec": spec, "objective": objective, "shards": str(shards)},
                                  train.model_dump(mode="json"), str(ckpt), str(out / "model.pt")))
                 trained_seconds += time.time() - start
                 save_denoiser(out, torch.load(out / "model.pt"), spec)

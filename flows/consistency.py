@@ -15,19 +15,16 @@ from components.errors import UserError
 from components.io import file_md5
 from components.models.store import WEIGHTS_FILE, load_denoiser, save_spec
 from components.training.denoiser_training import teacher_spec
-from components.training.distillation import (consistency_objective_settings, consistency_spec, load_plain_teacher)
+from components.training.distillation import (consistency_objective_settings, consistency_spec, consistency_task,
+                                              load_plain_teacher)
 from components.training.recipe import checkpoint_dir, run_job, training_job
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
-
-PRODUCED_BY = {"data/shards": "shard", "models/teacher": "teacher"}
-
 
 def stage_spec(mode: str) -> StageSpec:
     """Consistency training reads no teacher, so its inputs (and lineage) leave models/teacher out."""
     inputs = ("data/shards", "models/teacher") if mode == "distill" else ("data/shards",)
     sections = ("consistency",) if mode == "distill" else ("consistency", "model", "teacher")
-    return StageSpec(name="consistency", output="models/consistency", inputs=inputs, sections=sections,
-                     produced_by=PRODUCED_BY)
+    return StageSpec(name="consistency", output="models/consistency", inputs=inputs, sections=sections)
 
 
 SPEC = stage_spec("distill")
@@ -49,7 +46,7 @@ def distill(ctx: StageContext) -> dict:
     args = {"spec": spec, "teacher": str(teacher.directory) if teacher else None, "objective": objective,
             "origin": origin, "shards": str(shards)}
     started = time.time()
-    outcome = run_job(training_job("consistency", args, p, p.train_config(), root, ctx.out_dir / WEIGHTS_FILE,
+    outcome = run_job(training_job(consistency_task, args, p, p.train_config(), root, ctx.out_dir / WEIGHTS_FILE,
                                    ctx.run.run_id, ctx.run.tracking_uri), log_fn=ctx.log_metrics)
     save_spec(ctx.out_dir, spec)
     load_denoiser(ctx.out_dir)  # the exported student rebuilds from its own model.json

@@ -20,8 +20,7 @@ from components.training.reflow_training import (chunk_noise, coupling_error, ge
                                                  write_coupling_shards)
 from flows.stage import StageContext, StageSpec, read_manifest, run_stage_in_flow
 
-SPEC = StageSpec(name="couplings", output="data/couplings/shards", inputs=("models/teacher",),
-                 sections=("couplings",), produced_by={"models/teacher": "teacher"})
+SPEC = StageSpec(name="couplings", output="data/couplings/shards", sections=("couplings",))
 
 
 def make_couplings(ctx: StageContext) -> dict:

@@ -20,19 +20,17 @@ from components.io import write_json
 from components.models.store import WEIGHTS_FILE, load_denoiser, save_spec
 from components.objectives.dpo import default_mse_target
 from components.preferences.alignment import DPO_INFO_FILE, heldout_implicit_accuracy
-from components.preferences.finetune import dpo_pairs, time_sampler_for
+from components.preferences.finetune import dpo_pairs, dpo_task, time_sampler_for
 from components.training.recipe import checkpoint_dir, run_job, training_job
 from flows.runtime import repo_root
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
-SPEC = StageSpec(name="dpo", output="models/dpo", inputs=("data/pairs", "models/teacher"),
-                 sections=("preferences", "dpo"), produced_by={"data/pairs": "preferences", "models/teacher": "teacher"})
+SPEC = StageSpec(name="dpo", output="models/dpo", inputs=("data/pairs", "models/teacher"), sections=("preferences", "dpo"))
 
 
 def resolve_spec(params: Params) -> StageSpec:
     reference = f"models/{params.preferences.model}"
-    return dataclasses.replace(SPEC, inputs=("data/pairs", reference),
-                               produced_by={"data/pairs": "preferences", reference: params.preferences.model})
+    return dataclasses.replace(SPEC, inputs=("data/pairs", reference))
 
 
 def train_dpo(ctx: StageContext) -> dict:
@@ -47,7 +45,7 @@ def train_dpo(ctx: StageContext) -> dict:
     args = {"reference": str(reference.directory), "pairs": str(ctx.path("data/pairs")), "beta": p.beta,
             "holdout_fraction": p.holdout_fraction, "split_seed": p.seed}
     started = time.time()
-    outcome = run_job(training_job("dpo", args, p, p.train_config(), root, ctx.out_dir / WEIGHTS_FILE, ctx.run.run_id,
+    outcome = run_job(training_job(dpo_task, args, p, p.train_config(), root, ctx.out_dir / WEIGHTS_FILE, ctx.run.run_id,
                                    ctx.run.tracking_uri), log_fn=ctx.log_metrics)
     seconds = time.time() - started
     spec = {**reference.spec, "finetuned_from": reference_rel}

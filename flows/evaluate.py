@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import yaml
 from prefect import flow, get_run_logger
 
 from components.config import EvaluateParams, Params, load_params
@@ -47,12 +46,11 @@ from components.models.store import SPEC_FILE, WEIGHTS_FILE, LoadedModel, load_d
 from components.tracking.lineage import MANIFEST
 from components.training.denoiser_training import set_torch_threads
 from flows.runtime import repo_root
-from flows.stage import StageContext, StageSpec, read_manifest, run_stage_in_flow
+from flows.stage import StageContext, StageSpec, declared_deps, read_manifest, run_stage_in_flow
 
 BASE_INPUTS = ("data/shards", "models/featurizer")
 SPEC = StageSpec(name="evaluate", output="data/evaluate/report", inputs=BASE_INPUTS + ("models/teacher",),
-                 sections=("evaluate",),
-                 produced_by={"data/shards": "shard", "models/featurizer": "featurizer", "models/teacher": "teacher"})
+                 sections=("evaluate",))
 MAX_SAMPLES = 2000  # n_samples: null -> min(MAX_SAMPLES, val count // 2)
 PLOT_METRICS = {"points": ("sw2", "mmd"), "image": ("fd", "precision", "recall", "class_accuracy", "fid")}
 TABLE_ARTIFACT_KEY = "evaluate-quality"
@@ -73,31 +71,19 @@ def _log() -> logging.Logger | logging.LoggerAdapter:
 # --------------------------------------------------------------------------- which models
 
 
-def declared_deps(repo: Path, stage: str = "evaluate") -> set[str]:
-    """The deps of `stage` in dvc.yaml (normalised paths); empty when dvc.yaml or the stage is absent."""
-    path = repo / "dvc.yaml"
-    if not path.exists():
-        return set()
-    stages = (yaml.safe_load(path.read_text()) or {}).get("stages") or {}
-    deps = (stages.get(stage) or {}).get("deps") or []
-    return {(d if isinstance(d, str) else next(iter(d))).rstrip("/") for d in deps}
-
-
 def resolve_spec(repo: Path, params: Params) -> tuple[StageSpec, list[str]]:
     """The stage spec with one input per model to evaluate, and the listed models skipped (dir missing, not a dep).
 
     A model dir declared in dvc.yaml's evaluate deps stays an input even when missing, so the stage contract
     stops with "run `dvc repro <name>` first".
     """
-    declared = declared_deps(repo)
+    declared = set(declared_deps(repo, SPEC.name))
     model_inputs, skipped = [], []
     for name in params.evaluate.models:
         rel = f"models/{name}"
         (model_inputs if (repo / rel).exists() or rel in declared else skipped).append(name)
     inputs = BASE_INPUTS + tuple(f"models/{name}" for name in model_inputs)
-    produced_by = {"data/shards": "shard", "models/featurizer": "featurizer",
-                   **{f"models/{name}": name for name in model_inputs}}
-    return dataclasses.replace(SPEC, inputs=inputs, produced_by=produced_by), skipped
+    return dataclasses.replace(SPEC, inputs=inputs), skipped
 
 
 def check_inputs_before_running(repo: Path, spec: StageSpec, p: EvaluateParams) -> None:

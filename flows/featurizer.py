@@ -17,8 +17,7 @@ from components.evaluation import class_accuracy, predict_labels, save_classifie
 from components.io import write_json
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
-SPEC = StageSpec(name="featurizer", output="models/featurizer", inputs=("data/shards",),
-                 sections=("featurizer",), produced_by={"data/shards": "shard"})
+SPEC = StageSpec(name="featurizer", output="models/featurizer", sections=("featurizer",))
 NOT_APPLICABLE = "not_applicable.json"
 
 

@@ -24,8 +24,7 @@ from components.training.recipe import set_torch_threads
 from flows.runtime import repo_root
 from flows.stage import StageContext, StageSpec, read_manifest, run_stage_in_flow
 
-SPEC = StageSpec(name="preferences", output="data/pairs", inputs=("models/teacher",), sections=("preferences",),
-                 produced_by={"models/teacher": "teacher"})
+SPEC = StageSpec(name="preferences", output="data/pairs", inputs=("models/teacher",), sections=("preferences",))
 REWARD_MODEL_DIR = "reward_model"
 
 
@@ -33,8 +32,7 @@ def resolve_spec(params: Params) -> StageSpec:
     """Inputs from params: the generating model, plus the reference classifier for the classifier reward."""
     model = f"models/{params.preferences.model}"
     inputs = (model,) + (("models/featurizer",) if params.preferences.reward.kind == "classifier" else ())
-    return dataclasses.replace(SPEC, inputs=inputs, produced_by={model: params.preferences.model,
-                                                                 "models/featurizer": "featurizer"})
+    return dataclasses.replace(SPEC, inputs=inputs)
 
 
 def make_pairs(ctx: StageContext) -> dict:

@@ -17,8 +17,7 @@ from components.training.distillation import load_plain_teacher, progressive_dis
 from components.training.recipe import checkpoint_dir, set_torch_threads
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
-SPEC = StageSpec(name="progressive", output="models/progressive", inputs=("data/shards", "models/teacher"),
-                 sections=("progressive",), produced_by={"data/shards": "shard", "models/teacher": "teacher"})
+SPEC = StageSpec(name="progressive", output="models/progressive", sections=("progressive",))
 
 
 def distill(ctx: StageContext) -> dict:

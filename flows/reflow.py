@@ -22,8 +22,7 @@ from components.training.reflow_training import check_couplings_teacher, student
 from flows.stage import StageContext, StageSpec, read_manifest, run_stage_in_flow
 
 COUPLINGS = "data/couplings/shards"  # the couplings stage's output (its metrics live beside it)
-SPEC = StageSpec(name="reflow", output="models/reflow", inputs=(COUPLINGS, "models/teacher"),
-                 sections=("couplings", "reflow"), produced_by={COUPLINGS: "couplings", "models/teacher": "teacher"})
+SPEC = StageSpec(name="reflow", output="models/reflow", sections=("couplings", "reflow"))
 
 
 def rectify(ctx: StageContext) -> dict:

@@ -9,10 +9,14 @@ A stage flow is `run_stage(SPEC, body)` inside a Prefect @flow. `run_stage`:
 """
 from __future__ import annotations
 
+import functools
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+import yaml
 
 from components.config import Params, load_params
 from components.errors import DataError, UserError
@@ -25,11 +29,13 @@ from flows.runtime import repo_root
 
 @dataclass(frozen=True)
 class StageSpec:
+    """What a stage writes and reads. Its inputs and their producers come from dvc.yaml (the one place the DAG is
+    declared): by default every dep of the stage that another stage outputs; a stage whose inputs depend on params
+    (evaluate, preferences, dpo, consistency) passes the subset it reads."""
     name: str
     output: str  # the one output directory, relative to the repo root
-    inputs: tuple[str, ...] = ()  # upstream output directories this stage reads
+    inputs: Optional[tuple[str, ...]] = None  # upstream outputs it reads; None: its dvc.yaml deps that are outputs
     sections: tuple[str, ...] = ()  # params sections it reads (recorded in the manifest and MLflow)
-    produced_by: dict = field(default_factory=dict)  # input path -> stage name, for "run X first" errors
 
     def __post_init__(self) -> None:
         # DVC refuses an output directory that contains another output (the metrics file): fail at import.
@@ -59,6 +65,49 @@ class StageContext:
         self.run.log_metrics(metrics, step=step)
 
 
+def dvc_stages(repo: Path) -> dict[str, dict]:
+    """The `stages` of the repo's dvc.yaml as written (a plain YAML read: no DVC import in a stage process)."""
+    path = Path(repo) / "dvc.yaml"
+    return _read_stages(str(path), path.stat().st_mtime_ns) if path.exists() else {}
+
+
+@functools.lru_cache(maxsize=4)
+def _read_stages(path: str, mtime_ns: int) -> dict[str, dict]:  # mtime_ns: part of the cache key only
+    return (yaml.safe_load(Path(path).read_text()) or {}).get("stages") or {}
+
+
+def _entry_paths(entries) -> list[str]:
+    return [(e if isinstance(e, str) else next(iter(e))).rstrip("/") for e in entries or []]
+
+
+def declared_deps(repo: Path, stage: str) -> list[str]:
+    """The deps of `stage` in dvc.yaml (paths, in order); empty when the stage is not declared."""
+    return _entry_paths(dvc_stages(repo).get(stage, {}).get("deps"))
+
+
+def output_producers(repo: Path) -> dict[str, str]:
+    """Every output path of dvc.yaml (outs, metrics, plots) -> the stage that writes it."""
+    return {path: name for name, stage in dvc_stages(repo).items()
+            for key in ("outs", "metrics", "plots") for path in _entry_paths(stage.get(key))}
+
+
+def stage_inputs(repo: Path, spec: StageSpec) -> tuple[str, ...]:
+    """The upstream outputs the stage reads: `spec.inputs`, or its dvc.yaml deps that another stage produces.
+
+    An explicit input missing from the stage's dvc.yaml deps is a staleness hole (`dvc repro` would not rerun the
+    stage when it changes): warn, naming the line to add."""
+    producers = output_producers(repo)
+    deps = declared_deps(repo, spec.name)
+    if spec.inputs is None:
+        return tuple(d for d in deps if d in producers and producers[d] != spec.name)
+    if spec.name in dvc_stages(repo):
+        for rel in spec.inputs:
+            if rel not in deps:
+                warnings.warn(f"stage '{spec.name}' reads {rel}, which is not among its deps in dvc.yaml: "
+                              f"`dvc repro` will not rerun it when {rel} changes (add it to the deps)", stacklevel=2)
+    return tuple(spec.inputs)
+
+
 def used_params(params: Params, sections: tuple[str, ...]) -> dict[str, Any]:
     return {s: params.section(s).model_dump(mode="json") for s in sections}
 
@@ -67,12 +116,13 @@ def run_stage(spec: StageSpec, body: Callable[[StageContext], Optional[dict]],
               params: Optional[Params] = None) -> dict:
     repo = repo_root()
     params = params or load_params(repo / "params.yaml")
-    for rel in spec.inputs:
+    input_paths = stage_inputs(repo, spec)
+    for rel in input_paths:
         if not (repo / rel).exists():
-            producer = spec.produced_by.get(rel)
+            producer = output_producers(repo).get(rel)
             hint = f" (run `dvc repro {producer}` first)" if producer else ""
             raise DataError(f"stage '{spec.name}' needs {rel}, which does not exist{hint}")
-    inputs = [describe_input(repo, rel) for rel in spec.inputs]
+    inputs = [describe_input(repo, rel) for rel in input_paths]
     out = repo / spec.output
     remove_stale_temp_dirs(out)
     started = time.time()

@@ -13,12 +13,11 @@ from prefect import flow
 from components.data.shards import read_shard_manifest, read_split
 from components.evaluation.plots import image_grid, scatter_grid
 from components.models.store import WEIGHTS_FILE, load_denoiser, save_spec
-from components.training.denoiser_training import objective_config, teacher_spec
+from components.training.denoiser_training import denoiser_task, objective_config, teacher_spec
 from components.training.recipe import checkpoint_dir, run_job, training_job
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
-SPEC = StageSpec(name="teacher", output="models/teacher", inputs=("data/shards",),
-                 sections=("data", "model", "teacher"), produced_by={"data/shards": "shard"})
+SPEC = StageSpec(name="teacher", output="models/teacher", sections=("data", "model", "teacher"))
 
 
 def train_teacher(ctx: StageContext) -> dict:
@@ -30,7 +29,7 @@ def train_teacher(ctx: StageContext) -> dict:
     root = checkpoint_dir(ctx.path("checkpoints/teacher"), p.train_config(), spec, objective, manifest["digest"])
     ctx.run.set_tags({"checkpoint_dir": root.relative_to(ctx.repo)})
     started = time.time()
-    job = training_job("denoiser", {"spec": spec, "objective": objective, "shards": str(shards)}, p,
+    job = training_job(denoiser_task, {"spec": spec, "objective": objective, "shards": str(shards)}, p,
                        p.train_config(), root, ctx.out_dir / WEIGHTS_FILE, ctx.run.run_id, ctx.run.tracking_uri)
     outcome = run_job(job, log_fn=ctx.log_metrics)
     train_seconds = time.time() - started

@@ -77,7 +77,7 @@ def progressive_distillation(teacher: LoadedModel, shards: Path, p: ProgressiveP
                 "student_steps": n, "weighting": p.weighting, "shards": str(shards)}
         with open_child(f"round_{2 * n}_to_{n}", {"student_steps": n, "teacher_steps": 2 * n, **p.train_config().model_dump()},
                         {"stage.round_of": "progressive"}) as child:
-            job = training_job("progressive_round", args, p, p.train_config(), root / sub, out_dir / sub / WEIGHTS_FILE,
+            job = training_job(progressive_round_task, args, p, p.train_config(), root / sub, out_dir / sub / WEIGHTS_FILE,
                                child.run_id, tracking_uri)
             outcome = run_job(job, log_fn=child.log_metrics)
             child.log_metrics({"final_loss": outcome.final_loss}, outcome.steps)

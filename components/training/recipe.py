@@ -4,8 +4,8 @@ as a `TrainJob`: which task, the task's JSON-able inputs, the Trainer's settings
 the one launcher; every rank runs the same `run_job_here`, so a stage is made multi-process by its `processes`
 setting alone.
 
-A task builder (registered in TASKS) turns a job's `args` into a `TrainingTask`: the model, the loss, the batches and
-the checkpoint fingerprint. `train` runs the one Trainer on it: resume from the checkpoint dir, fit, export the EMA.
+A task builder, named in the job as "module:function" (`task_ref`), turns a job's `args` into a `TrainingTask`: the
+model, the loss, the batches and the checkpoint fingerprint. `train` runs the one Trainer on it: resume from the checkpoint dir, fit, export the EMA.
 """
 from __future__ import annotations
 
@@ -27,17 +27,6 @@ from components.training.distributed import launch_ranks, world_info
 from components.training.trainer import Trainer
 
 LogFn = Callable[[dict, int], None]
-
-# task name -> "module:function" building a TrainingTask from (args, config, world_size); imported when used, so
-# this module does not import every stage's components.
-TASKS = {
-    "denoiser": "components.training.denoiser_training:denoiser_task",
-    "coupling": "components.training.reflow_training:coupling_task",
-    "progressive_round": "components.training.distillation:progressive_round_task",
-    "consistency": "components.training.distillation:consistency_task",
-    "dpo": "components.preferences.finetune:dpo_task",
-}
-
 
 @dataclass
 class TrainingTask:
@@ -63,7 +52,7 @@ class TrainOutcome:
 class TrainJob:
     """One training run, JSON-able so that launched ranks can read it from a file."""
 
-    task: str  # a key of TASKS
+    task: str  # the task builder, "module:function" (task_ref)
     args: dict[str, Any]  # the task's inputs (paths as strings, specs, objective settings)
     train: dict[str, Any]  # TrainConfig fields
     checkpoint_dir: str
@@ -117,11 +106,21 @@ def train(task: TrainingTask, config: TrainConfig, checkpoint_dir: Path | str, e
     return TrainOutcome(result.steps, result.final_loss, result.history, resumed_from)
 
 
+TaskBuilder = Callable[[dict, TrainConfig, int, int], TrainingTask]  # (args, config, world_size, threads)
+
+
+def task_ref(builder: TaskBuilder) -> str:
+    """How a job names a task builder: "module:function"."""
+    return f"{builder.__module__}:{builder.__name__}"
+
+
 def build_task(job: TrainJob, config: TrainConfig, world_size: int) -> TrainingTask:
-    if job.task not in TASKS:
-        raise ValueError(f"unknown training task {job.task!r} (known: {', '.join(TASKS)})")
-    module, function = TASKS[job.task].split(":")
-    return getattr(importlib.import_module(module), function)(job.args, config, world_size, job.torch_threads)
+    module, _, function = job.task.partition(":")
+    try:
+        builder = getattr(importlib.import_module(module), function)
+    except (ImportError, AttributeError, ValueError):
+        raise ValueError(f"unknown training task {job.task!r} (a task builder as module:function)") from None
+    return builder(job.args, config, world_size, job.torch_threads)
 
 
 def run_job_here(job: TrainJob, log_fn: Optional[LogFn] = None) -> TrainOutcome:
@@ -151,10 +150,10 @@ def run_job(job: TrainJob, log_fn: Optional[LogFn] = None) -> TrainOutcome:
     return outcome
 
 
-def training_job(task: str, args: dict[str, Any], params, config: TrainConfig, checkpoint_dir: Path | str,
+def training_job(task: TaskBuilder, args: dict[str, Any], params, config: TrainConfig, checkpoint_dir: Path | str,
                  export: Path | str, run_id: Optional[str] = None, tracking_uri: Optional[str] = None) -> TrainJob:
-    """A TrainJob of a stage: `params` is its section (a TrainParams: processes, torch_threads), `config` the
+    """A TrainJob of a stage running the task builder `task`: `params` is its section (a TrainParams: processes, torch_threads), `config` the
     Trainer's settings (usually `params.train_config()`), `run_id` the MLflow run launched ranks log into."""
-    return TrainJob(task, args, config.model_dump(mode="json"), str(checkpoint_dir), str(export),
+    return TrainJob(task_ref(task), args, config.model_dump(mode="json"), str(checkpoint_dir), str(export),
                     processes=params.processes, torch_threads=params.torch_threads, tracking_uri=tracking_uri,
                     run_id=run_id)

@@ -233,7 +233,7 @@ def train_reflow(teacher: LoadedModel, spec: dict, couplings_dir: Path, coupling
             couplings_dir = regenerate_couplings(model, coupling_manifest, work / "couplings")
             coupling = read_couplings(couplings_dir)
         with open_child(f"reflow-round{round_no}", {"reflow.round": round_no, "reflow.parent_stage": "reflow"}) as child:
-            job = training_job("coupling", {"spec": spec, "init": str(weights), "objective": objective,
+            job = training_job(coupling_task, {"spec": spec, "init": str(weights), "objective": objective,
                                             "couplings": str(couplings_dir)}, p, p.train_config(),
                                work / "ckpt", work / "export.pt", child.run_id, tracking_uri)
             outcome = run_job(job, log_fn=child.log_metrics)
@@ -254,7 +254,7 @@ def train_reflow(teacher: LoadedModel, spec: dict, couplings_dir: Path, coupling
     work = root / f"distill{p.distill_nfe}"  # another step count is another run, not a resume
     with open_child(f"reflow-distill-{p.distill_nfe}-step", {"reflow.distill_nfe": p.distill_nfe,
                                                              "reflow.parent_stage": "reflow"}) as child:
-        job = training_job("coupling", {"spec": distill_spec, "init": str(weights),
+        job = training_job(coupling_task, {"spec": distill_spec, "init": str(weights),
                                         "objective": {"name": "euler_distill", "nfe": p.distill_nfe},
                                         "couplings": str(couplings_dir)}, p, p.train_config(steps=p.distill_steps),
                            work / "ckpt", work / "export.pt", child.run_id, tracking_uri)

@@ -9,8 +9,8 @@ import torch
 from components.config import TrainConfig
 from components.errors import UserError
 from components.models.store import build_denoiser, model_from_weights
-from components.training.recipe import TrainJob, checkpoint_dir, run_job
-from components.training.reflow_training import write_coupling_shards
+from components.training.recipe import TrainJob, checkpoint_dir, run_job, task_ref
+from components.training.reflow_training import coupling_task, write_coupling_shards
 from components.training.trainer import CheckpointMismatchError, NonFiniteLossError
 
 SPEC = {"network": {"kind": "mlp", "kwargs": {"data_dim": 2, "width": 16, "depth": 1, "embed_dim": 8,
@@ -40,7 +40,7 @@ def test_a_job_read_back_from_json_trains_exports_and_resumes(tmp_path):
                           samples_per_record=16)
     init = tmp_path / "init.pt"
     torch.save(build_denoiser(SPEC).state_dict(), init)
-    job = TrainJob("coupling", {"spec": SPEC, "init": str(init), "couplings": str(couplings),
+    job = TrainJob(task_ref(coupling_task), {"spec": SPEC, "init": str(init), "couplings": str(couplings),
                                 "objective": {"name": "reflow", "p_uncond": 0.0, "num_classes": None}},
                    TrainConfig(steps=4, batch_size=16, progress_bar=False).model_dump(mode="json"),
                    str(tmp_path / "ckpt"), str(tmp_path / "export.pt"))
@@ -53,4 +53,4 @@ def test_a_job_read_back_from_json_trains_exports_and_resumes(tmp_path):
     more = dataclasses.replace(job, train={**job.train, "steps": 6})  # same checkpoint dir: resumes
     assert run_job(more).resumed_from == 4
     with pytest.raises(ValueError, match="unknown training task"):
-        run_job(dataclasses.replace(job, task="nonsense"))
+        run_job(dataclasses.replace(job, task="components.training.recipe:nonsense"))
