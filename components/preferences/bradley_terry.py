@@ -105,3 +105,16 @@ def load_reward_model(directory: Path | str) -> BradleyTerryReward:
     model = BradleyTerryReward(config["data_shape"], config["width"], config["depth"])
     model.load_state_dict(load_weights(directory / WEIGHTS))
     return model.eval()
+
+
+def labelled_pairs_scored(path: Path | str, data_shape: list[int], num_classes: Optional[int], checkpoint_dir: Path,
+                          reward_dir: Path, *, steps: int, seed: int):
+    """Preference pairs from a labelled JSONL file, scored by a Bradley-Terry reward model fitted on them (saved to
+    `reward_dir`, so evaluation scores with the same reward). Returns the PairSet."""
+    from components.preferences.pairs import read_labelled_pairs
+
+    pairs = read_labelled_pairs(path, data_shape, num_classes)
+    reward_model = train_reward_model(pairs.x_w, pairs.x_l, checkpoint_dir, steps=steps, seed=seed)
+    save_reward_model(reward_model, reward_dir)
+    pairs.score_w, pairs.score_l = reward_model.reward(pairs.x_w).double(), reward_model.reward(pairs.x_l).double()
+    return pairs

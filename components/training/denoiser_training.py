@@ -74,7 +74,7 @@ def shard_batches(shards: Path | str, config: TrainConfig, world_size: int) -> I
     rank the same number of batches (no rank waits on another)."""
     loader = make_loader(shards, "train", config.micro_batch_size(world_size), shuffle=True,
                          resampled=world_size > 1, seed=config.seed, drop_last=True)
-    yield from infinite_batches(loader)
+    return infinite_batches(loader)
 
 
 def denoiser_task(args: dict[str, Any], config: TrainConfig, world_size: int, threads: int = 0) -> TrainingTask:

@@ -127,6 +127,7 @@ def run_job_here(job: TrainJob, log_fn: Optional[LogFn] = None) -> TrainOutcome:
     """Run `job` in this process (one rank of a launch, or the whole run)."""
     _, world = world_info()
     config = TrainConfig(**job.train)
+    torch.manual_seed(config.seed)  # a model built from scratch starts from the same weights in every run
     task = build_task(job, config, world)
     return train(task, config, job.checkpoint_dir, job.export, log_fn=log_fn)
 
