@@ -17,7 +17,8 @@ from components.errors import ParamsError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `lr: .inf` or `.nan` is a params error, not a traceback deep inside training.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 TOY2D_NAMES = ("checkerboard", "moons", "eight_gaussians", "spirals")
@@ -132,17 +133,10 @@ RESUMABLE_SETTINGS = ("steps", "checkpoint_every", "log_every", "keep_checkpoint
 
 
 class TrainParams(TrainConfig):
-    """A training stage's section: the Trainer's settings plus how the stage runs them."""
+    """A training stage's section: the Trainer's settings plus this process's threads (how many processes every
+    training stage runs on is the `distributed` section)."""
 
-    processes: int = Field(1, ge=1)  # >1 launches that many ranks (torchrun), shards split by rank
     torch_threads: int = Field(0, ge=0)  # 0 = auto: 1 for the MLP (threads only add sync cost), all cores for the UNet
-
-    @model_validator(mode="after")
-    def _divisible(self) -> "TrainParams":
-        split = self.processes * self.grad_accum
-        if self.batch_size % split:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by processes x grad_accum = {split}")
-        return self
 
     def train_config(self, **overrides: Any) -> TrainConfig:
         """The Trainer's settings of this section (with `overrides`, validated)."""
@@ -199,12 +193,6 @@ class ReflowParams(TrainParams):
     distill_steps: int = Field(400, ge=1)
     p_uncond: float = Field(0.1, ge=0.0, le=1.0)  # label dropout for a conditional teacher
     sampler_steps: int = Field(2, ge=1)  # default Euler steps in models/reflow/model.json
-
-    @model_validator(mode="after")
-    def _one_process(self) -> "ReflowParams":
-        if self.processes != 1:
-            raise ValueError(f"processes {self.processes}: reflow trains in one process (couplings fit in memory)")
-        return self
 
 class RewardParams(Section):
     """The reward of preference pairs (components/preferences/rewards.py)."""
@@ -325,6 +313,26 @@ class EvaluateParams(Section):
         return self
 
 
+class DistributedParams(Section):
+    """How many processes every training stage runs on (one DeepSpeed rank each, launched by torchrun).
+
+    What differs per machine is not here but in the environment the launcher reads: this machine's node rank
+    (NODE_RANK, else Slurm's SLURM_NODEID) and the rendezvous endpoint (MASTER_ADDR, MASTER_PORT: node 0's
+    address, which is also the only interface node 0 listens on). One node needs none of them.
+    """
+
+    processes_per_node: int = Field(1, ge=1)  # e.g. the GPUs of one machine; >1 launches ranks with torchrun
+    nodes: int = Field(1, ge=1)  # machines; every one runs the same params (README "Scaling out")
+    timeout_s: int = Field(300, ge=10)  # a collective waiting this long on a dead rank stops the job
+
+    @property
+    def world_size(self) -> int:
+        return self.processes_per_node * self.nodes
+
+
+TRAINING_SECTIONS = ("teacher", "reflow", "progressive", "consistency", "dpo")  # global batch split over ranks
+
+
 class TrackingParams(Section):
     experiment: str = "diffusion-distill"
     # None: sqlite:///<repo>/mlflow.db ; MLFLOW_TRACKING_URI overrides both.
@@ -348,6 +356,20 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     preferences: PreferencesParams = PreferencesParams()
     dpo: DPOParams = DPOParams()
+    distributed: DistributedParams = DistributedParams()
+
+    @model_validator(mode="after")
+    def _batch_splits_over_ranks(self) -> "Params":
+        world = self.distributed.world_size
+        for name in TRAINING_SECTIONS:
+            section = getattr(self, name)
+            split = world * section.grad_accum
+            if section.batch_size % split:
+                raise ValueError(
+                    f"{name}.batch_size {section.batch_size} is not divisible by distributed.processes_per_node x "
+                    f"distributed.nodes x {name}.grad_accum = {self.distributed.processes_per_node} x "
+                    f"{self.distributed.nodes} x {section.grad_accum} = {split}")
+        return self
 
     def section(self, name: str) -> Section:
         return getattr(self, name)
@@ -404,6 +426,8 @@ def validate_params(raw: dict, source: str = "params.yaml") -> Params:
 
 RENAMED_KEYS = {  # old key -> what replaced it (named in the "unknown key" error)
     "reflow.distill_one_step": "reflow.distill_nfe (0: off, 1: one step, 2: two steps)",
+    **{f"{name}.processes": "distributed.processes_per_node, one setting for every training stage"
+       for name in TRAINING_SECTIONS},
 }
 
 
@@ -424,16 +448,39 @@ def format_validation_error(e: ValidationError, source: str) -> str:
     return f"{source}: {loc}{shown}: {msg}{extra}"
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key repeated in one mapping (PyYAML keeps the last one silently; DVC refuses)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKeyError(key, seen[key], key_node.start_mark.line + 1)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, first_line: int, line: int):
+        super().__init__(f"duplicate key '{key}' (line {line}; first at line {first_line})")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
 def read_params_file(path: Path | str) -> dict:
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"params file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except DuplicateKeyError as e:
+        raise ParamsError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
         raise ParamsError(f"{path}: not valid YAML{where}") from None
+    except OSError as e:
+        raise ParamsError(f"cannot read {path}: {e.strerror}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: top level must be a mapping of sections")
     return raw

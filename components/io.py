@@ -1,15 +1,18 @@
-"""Small I/O building blocks shared by every stage: atomic output directories, JSON, content digests, a free port."""
+"""Small I/O building blocks shared by every stage: atomic output directories, JSON, content digests, file
+records a reader can verify, a lock that names its holder, and a free port."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import socket
+import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 
 @contextlib.contextmanager
@@ -89,6 +92,106 @@ def tree_digest(root: Path | str, exclude: tuple[str, ...] = ("manifest.json",))
             continue
         h.update(rel.encode() + b"\0" + file_md5(p).encode() + b"\n")
     return h.hexdigest()
+
+
+def file_records(root: Path | str, exclude: tuple[str, ...] = ("manifest.json",)) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", "md5"}} of every file under `root`: what a manifest records so that readers can
+    check the files on disk are the ones it describes (`verify_file_records`)."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): {"size": p.stat().st_size, "md5": file_md5(p)}
+            for p in sorted(q for q in root.rglob("*") if q.is_file())
+            if p.relative_to(root).as_posix() not in exclude}
+
+
+def verify_file_records(root: Path | str, records: dict[str, dict[str, Any]]) -> Optional[str]:
+    """None if every recorded file exists with its size and md5; else a short description of the first bad file.
+
+    Sizes are compared first (a truncated file is found without reading anything), then contents.
+    """
+    root = Path(root)
+    for rel, rec in records.items():
+        path = root / rel
+        if not path.is_file():
+            return f"{path} is missing"
+        size = path.stat().st_size
+        if size != rec["size"]:
+            return f"{path} has {size} bytes, its manifest says {rec['size']} (truncated or replaced)"
+    for rel, rec in records.items():
+        if file_md5(root / rel) != rec["md5"]:
+            return f"{root / rel} differs from the md5 in its manifest (modified or corrupt)"
+    return None
+
+
+class LockHeld(RuntimeError):
+    """Another live process holds the lock; `holder` is the record it wrote (pid, host, start time, ...)."""
+
+    def __init__(self, path: Path, holder: dict[str, Any]):
+        self.path, self.holder = path, holder
+        super().__init__(f"{path} is held by {describe_holder(holder)}")
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    started = holder.get("started_unix")
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if started else "?"
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} (started {since})"
+
+
+class HolderLock:
+    """An exclusive, non-blocking `flock` on a file that also records who holds it.
+
+    The kernel drops the lock when its holder dies (even by SIGKILL or the OOM killer), so a lock is never
+    stale. The holder's record (pid, host, start time and whatever `update` adds) stays in the file after the
+    holder is gone: `previous` is what the last holder left, i.e. the run to clean up after if it died.
+    """
+
+    def __init__(self, path: Path | str, **info: Any):
+        self.path = Path(path)
+        self.record: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname(),
+                                       "started_unix": round(time.time(), 3), **info}
+        self.previous: dict[str, Any] = {}
+        self._file = None
+
+    def __enter__(self) -> "HolderLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = _parse_record(f.read())
+            f.close()
+            raise LockHeld(self.path, holder) from None
+        f.seek(0)
+        self.previous = _parse_record(f.read())
+        self._file = f
+        self._write()
+        return self
+
+    def update(self, **info: Any) -> None:
+        self.record.update(info)
+        self._write()
+
+    def restore_previous(self) -> None:
+        """Put back the previous holder's record (for a short maintenance hold that must not hide a crash)."""
+        self.record = dict(self.previous)
+        self._write()
+
+    def _write(self) -> None:
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(json.dumps(self.record, default=str) + "\n")
+        self._file.flush()
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()  # releases the flock; the record stays for the next holder to read
+
+
+def _parse_record(text: str) -> dict[str, Any]:
+    try:
+        record = json.loads(text) if text.strip() else {}
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def free_port() -> int:

@@ -1,6 +1,7 @@
 """Command line: `python -m flows <stage>` runs one stage as a Prefect flow (this is what dvc.yaml calls).
 
-Other commands: `pipeline`, `serve`, `lineage`, `list`, `check-params`, `server start|stop|status`.
+Other commands: `pipeline`, `serve`, `lineage`, `list`, `check-params`, `clean-checkpoints`,
+`server start|stop|status`.
 Run `python -m flows --help`.
 """
 from __future__ import annotations
@@ -11,6 +12,9 @@ import os
 import sys
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "true")
+# No telemetry from MLflow or the Prefect SDK: stages run offline, and MLflow's client would start a thread
+# that fetches its config over the network in every stage process.
+os.environ.setdefault("DO_NOT_TRACK", "true")
 
 from components.errors import UserError  # noqa: E402  (light imports only before the stage runs)
 from flows import STAGES, TOOLS  # noqa: E402
@@ -22,21 +26,78 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def run_stage_command(stage: str) -> int:
-    from components.config import load_params
-    from flows.runtime import configure_prefect, repo_root
+    """Run one stage; when it fails, put back the metrics files `dvc repro` deleted before running it."""
+    from flows.runtime import repo_root
 
-    root = repo_root()
+    code = 1
+    try:
+        code = _run_stage(stage, repo_root())
+        return code
+    finally:
+        if code != 0:
+            from flows.stage import restore_metrics
+
+            for rel in restore_metrics(repo_root(), stage):
+                print(f"restored {rel} (the stage failed; it is the copy dvc.lock records)", file=sys.stderr)
+
+
+def _run_stage(stage: str, root) -> int:
+    from components.config import load_params
+    from flows.runtime import configure_prefect
+
+    from flows.stage import check_declared_inputs
+
     load_params(root / "params.yaml")  # fail fast, before any server or output is touched
+    check_declared_inputs(root, stage)
     configure_prefect(root)
+    exit_with_parent()
     module = importlib.import_module({**STAGES, **TOOLS}[stage])
-    state = module.flow_fn(return_state=True)
+    import flows.stage
+    from flows.stage import COMPLETED
+
+    flows.stage.EXIT_IF_PREFECT_LOST = True
+    try:
+        state = module.flow_fn(return_state=True)
+    except Exception as e:  # Prefect could not record the flow run's end (server gone)
+        if stage not in COMPLETED:
+            raise
+        print(f"warning: stage '{stage}' completed, but Prefect could not record it ({type(e).__name__}: "
+              f"{str(e)[:200]}); its flow run is marked Completed when the stage next runs", file=sys.stderr)
+        return 0
     if state.is_completed():
+        return 0
+    if stage in COMPLETED:  # the work and MLflow run are complete; only orchestration failed afterwards
+        print(f"warning: stage '{stage}' completed, but its Prefect flow run ended {state.name}: "
+              f"{(state.message or '')[:200]}", file=sys.stderr)
         return 0
     cause = getattr(state, "data", None)
     message = state.message or f"stage '{stage}' failed"
     if isinstance(cause, UserError) or "UserError" in message or not message.startswith("Flow run encountered"):
         return _fail(message)
     return 1  # a bug: Prefect has already printed the traceback
+
+
+def exit_with_parent(poll_seconds: float = 1.0) -> None:
+    """Stop this stage (SIGTERM: Prefect marks it Crashed, MLflow FAILED) when the process that started it dies.
+
+    Killing `dvc repro` (or the pipeline) must not leave an orphaned stage training on, overlapping the next
+    run. A thread polls the parent pid: when the parent dies the process is re-parented and getppid() changes.
+    """
+    import signal
+    import threading
+    import time
+
+    parent = os.getppid()
+    if parent == 1:  # started detached on purpose (nohup, setsid): nothing to follow
+        return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        print(f"error: the parent process (pid {parent}) exited; stopping stage", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     pipe.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="param override written to params.yaml and saved as a DVC experiment (repeatable)")
     pipe.add_argument("--name", dest="run_name", default=None, help="MLflow parent run / DVC experiment name")
+    cln = sub.add_parser("clean-checkpoints", help="remove checkpoints/<stage>/<fingerprint>/ dirs no current "
+                         "output needs (keeps each output's own and the newest per stage)")
+    cln.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     sub.add_parser("serve", help="serve the pipeline and each stage as Prefect deployments (runs until Ctrl-C)")
     lin = sub.add_parser("lineage", help="print the chain of MLflow runs from a run (or a stage's output) to the data")
     lin.add_argument("ref", help="an MLflow run id or a stage name (the run that produced its current output)")
@@ -89,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             from flows.pipeline import run_pipeline_command
 
             return run_pipeline_command(args.targets, args.force, args.overrides, args.run_name)
+        if args.command == "clean-checkpoints":
+            from flows.clean import clean_command
+            from flows.runtime import repo_root
+
+            return clean_command(repo_root(), args.dry_run)
         if args.command == "serve":
             from flows.serve import serve_command
 

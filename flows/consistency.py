@@ -47,7 +47,7 @@ def distill(ctx: StageContext) -> dict:
             "origin": origin, "shards": str(shards)}
     started = time.time()
     outcome = run_job(training_job(consistency_task, args, p, p.train_config(), root, ctx.out_dir / WEIGHTS_FILE,
-                                   ctx.run.run_id, ctx.run.tracking_uri), log_fn=ctx.log_metrics)
+                                   ctx.run.run_id, ctx.run.tracking_uri, ctx.params.distributed), log_fn=ctx.log_metrics)
     save_spec(ctx.out_dir, spec)
     load_denoiser(ctx.out_dir)  # the exported student rebuilds from its own model.json
     ctx.manifest.update({"model": spec, "objective": objective, "checkpoint_dir": str(root.relative_to(ctx.repo))})

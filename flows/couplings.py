@@ -18,7 +18,7 @@ from components.objectives.reflow import transport_cost
 from components.training.recipe import fingerprint, set_torch_threads
 from components.training.reflow_training import (chunk_noise, coupling_error, generate_couplings, teacher_identity,
                                                  write_coupling_shards)
-from flows.stage import StageContext, StageSpec, read_manifest, run_stage_in_flow
+from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
 SPEC = StageSpec(name="couplings", output="data/couplings/shards", sections=("couplings",))
 
@@ -28,7 +28,7 @@ def make_couplings(ctx: StageContext) -> dict:
     teacher_dir = ctx.path("models/teacher")
     teacher = load_denoiser(teacher_dir)
     set_torch_threads(teacher.spec)
-    identity = teacher_identity(teacher_dir, read_manifest(teacher_dir).get("lineage", {}).get("mlflow_run_id"))
+    identity = teacher_identity(teacher_dir)
     settings = {"solver": p.solver, "nfe": p.nfe, "seed": p.seed, "batch_size": p.batch_size}
     work_dir = ctx.path(f"checkpoints/couplings/{fingerprint(identity['weights_md5'], settings)}")
 

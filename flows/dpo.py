@@ -46,7 +46,7 @@ def train_dpo(ctx: StageContext) -> dict:
             "holdout_fraction": p.holdout_fraction, "split_seed": p.seed}
     started = time.time()
     outcome = run_job(training_job(dpo_task, args, p, p.train_config(), root, ctx.out_dir / WEIGHTS_FILE, ctx.run.run_id,
-                                   ctx.run.tracking_uri), log_fn=ctx.log_metrics)
+                                   ctx.run.tracking_uri, ctx.params.distributed), log_fn=ctx.log_metrics)
     seconds = time.time() - started
     spec = {**reference.spec, "finetuned_from": reference_rel}
     save_spec(ctx.out_dir, spec)
@@ -60,8 +60,7 @@ def train_dpo(ctx: StageContext) -> dict:
         shutil.copytree(ctx.path("data/pairs") / reward["path"], ctx.out_dir / reward["path"])
     write_json(ctx.out_dir / DPO_INFO_FILE, {
         "beta": p.beta, "reference": reference_rel, "reward": reward, "pairs_train": len(train_pairs),
-        "pairs_heldout": len(heldout), "implicit_accuracy_heldout": accuracy,
-        "generating_run_id": pair_manifest.get("generating_run_id")})
+        "pairs_heldout": len(heldout), "implicit_accuracy_heldout": accuracy})
     ctx.manifest.update({"model": spec, "beta": p.beta, "checkpoint_dir": str(root.relative_to(ctx.repo))})
     last = outcome.history[-1] if outcome.history else {}
     return {"steps": outcome.steps, "final_loss": outcome.final_loss, "beta": p.beta,

@@ -332,14 +332,10 @@ def lineage_rows(ctx: StageContext) -> dict[str, dict[str, Any]]:
     """Which MLflow run (and commit) produced each input: data, featurizer and every model."""
     rows = {}
     for record in ctx.inputs:
-        manifest_lineage = {}
-        manifest_path = ctx.path(record["path"]) / "manifest.json"
-        if manifest_path.exists():
-            manifest_lineage = read_manifest(manifest_path.parent).get("lineage", {})
         rows[record["path"]] = {
-            "stage": record.get("stage") or manifest_lineage.get("stage") or "",
+            "stage": record.get("stage") or "",
             "mlflow_run_id": record.get("run_id") or "",
-            "git_commit": manifest_lineage.get("git_commit") or "",
+            "git_commit": record.get("git_commit") or "",
             "digest": record.get("digest") or "",
             "digest_source": record.get("digest_source") or "",
         }

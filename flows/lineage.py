@@ -1,7 +1,8 @@
 """`python -m flows lineage <run id | stage>`: the chain of MLflow runs from one run back to the data.
 
-A stage name means the run that produced that stage's *current* output (read from the output's manifest.json,
-so a stage DVC skipped still points at the run that really made its data); if the output is missing, the newest
+A stage name means the run that produced that stage's *current* output (the run record data/<stage>/run.json when
+it describes the output's current content, else the MLflow run tagged with that content digest, so a stage DVC
+skipped or restored still points at the run that really made its data); if the output is missing, the newest
 finished run tagged with that stage. Each run is printed with its stage, status, git commit, parent pipeline run
 and inputs (dataset name + digest, the DVC hash from dvc.lock), then its upstream runs.
 """
@@ -13,9 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from components.config import load_params
-from components.errors import UserError
-from components.io import read_json
-from components.tracking.lineage import MANIFEST, resolve_tracking_uri
+from components.tracking.lineage import output_run_id, resolve_tracking_uri
 from components.tracking.registry import check_tracking_server
 from components.tracking.runs import RunNotFound, latest_stage_run_id, lineage_chain
 from flows.runtime import repo_root
@@ -34,9 +33,8 @@ def resolve_ref(root: Path, ref: str, experiment: str, tracking_uri: str) -> str
         raise RunNotFound(f"'{ref}' is neither an MLflow run id nor a stage of dvc.yaml "
                           f"({', '.join(outputs) or 'no stages'})")
     for out in outputs[ref]:
-        manifest = root / out / MANIFEST
-        if manifest.exists():
-            run_id = read_json(manifest).get("lineage", {}).get("mlflow_run_id")
+        if (root / out).exists():
+            run_id = output_run_id(root, ref, out, experiment, tracking_uri)
             if run_id:
                 return run_id
     run_id = latest_stage_run_id(experiment, ref, tracking_uri)

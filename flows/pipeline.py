@@ -37,8 +37,7 @@ from prefect.states import Completed, Failed
 
 from components.config import apply_overrides, parse_override, read_params_file, validate_params
 from components.errors import ParamsError, UserError
-from components.io import read_json
-from components.tracking.lineage import MANIFEST, resolve_tracking_uri
+from components.tracking.lineage import output_run_id, resolve_tracking_uri
 from components.tracking.registry import check_tracking_server
 from flows.runtime import repo_root
 
@@ -189,12 +188,11 @@ def classify(stage: str, lines: list[str]) -> str:
     return SKIPPED
 
 
-def stage_run_id(root: Path, outputs: list[str]) -> Optional[str]:
-    """The MLflow run that produced the stage's current output (from its manifest), if it has one."""
+def stage_run_id(root: Path, stage: str, outputs: list[str], experiment: str, tracking_uri: str) -> Optional[str]:
+    """The MLflow run that produced the stage's current output (its run record or `output.digest` tag), if any."""
     for out in outputs:
-        manifest = root / out / MANIFEST
-        if manifest.exists():
-            return read_json(manifest).get("lineage", {}).get("mlflow_run_id")
+        if (root / out).is_dir():
+            return output_run_id(root, stage, out, experiment, tracking_uri)
     return None
 
 
@@ -292,7 +290,8 @@ def execute(root: Path, targets: Optional[list[str]], force: bool, overrides: Op
                     cause = state.result(raise_on_failure=False)
                     raise cause if isinstance(cause, UserError) else StageFailed(
                         f"stage '{stage}' failed: {state.message}")
-                record = {**state.result(), "mlflow_run_id": stage_run_id(root, outputs.get(stage, []))}
+                record = {**state.result(), "mlflow_run_id": stage_run_id(root, stage, outputs.get(stage, []),
+                                                                           params.tracking.experiment, tracking_uri)}
                 summary["stages"].append(record)
                 parent.set_tags({f"stage.{stage}.outcome": record["outcome"],
                                  f"stage.{stage}.run_id": record["mlflow_run_id"] or "none"})

@@ -22,7 +22,7 @@ from components.preferences.pairs import SEED_BASE, collect_pairs, write_pair_sh
 from components.preferences.rewards import make_reward
 from components.training.recipe import set_torch_threads
 from flows.runtime import repo_root
-from flows.stage import StageContext, StageSpec, read_manifest, run_stage_in_flow
+from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
 SPEC = StageSpec(name="preferences", output="data/pairs", inputs=("models/teacher",), sections=("preferences",))
 REWARD_MODEL_DIR = "reward_model"
@@ -40,8 +40,9 @@ def make_pairs(ctx: StageContext) -> dict:
     model_dir = ctx.path(f"models/{p.model}")
     model = load_denoiser(model_dir)
     set_torch_threads(model.spec)
-    generating_run = read_manifest(model_dir).get("lineage", {}).get("mlflow_run_id")
-    info = {"generating_model": f"models/{p.model}", "generating_run_id": generating_run}
+    generating_run = next((r["run_id"] for r in ctx.inputs if r["path"] == f"models/{p.model}"), None)
+    ctx.record["generating_run_id"] = generating_run
+    info = {"generating_model": f"models/{p.model}"}
     if p.pairs_file:
         path = Path(p.pairs_file) if Path(p.pairs_file).is_absolute() else ctx.repo / p.pairs_file
         pairs = labelled_pairs_scored(path, model.spec["data_shape"], model.num_classes,

@@ -30,11 +30,11 @@ def distill(ctx: StageContext) -> dict:
                           p.teacher_steps, p.weighting)
     ctx.run.set_tags({"checkpoint_dir": root.relative_to(ctx.repo)})
     students, rounds = progressive_distillation(teacher, shards, p, root, ctx.out_dir, ctx.run.child_run,
-                                                ctx.run.tracking_uri)
+                                                ctx.run.tracking_uri, ctx.params.distributed)
     ctx.manifest.update({"students": students, "teacher_steps": p.teacher_steps,
                          "checkpoint_dir": str(root.relative_to(ctx.repo))})
-    return {"rounds": {k: {m: v for m, v in r.items() if m != "mlflow_run_id"} for k, r in rounds.items()},
-            "round_run_ids": {k: r["mlflow_run_id"] for k, r in rounds.items()}}
+    ctx.record["round_run_ids"] = {k: r["mlflow_run_id"] for k, r in rounds.items()}
+    return {"rounds": {k: {m: v for m, v in r.items() if m != "mlflow_run_id"} for k, r in rounds.items()}}
 
 
 @flow(name="progressive", description="Progressive distillation of the teacher down to 1 step -> models/progressive/.")

@@ -19,7 +19,7 @@ from components.io import read_json
 from components.models.store import load_denoiser, save_denoiser, load_weights
 from components.training.recipe import checkpoint_dir
 from components.training.reflow_training import check_couplings_teacher, student_spec, teacher_identity, train_reflow
-from flows.stage import StageContext, StageSpec, read_manifest, run_stage_in_flow
+from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
 COUPLINGS = "data/couplings/shards"  # the couplings stage's output (its metrics live beside it)
 SPEC = StageSpec(name="reflow", output="models/reflow", sections=("couplings", "reflow"))
@@ -29,8 +29,7 @@ def rectify(ctx: StageContext) -> dict:
     p = ctx.params.reflow
     couplings = read_json(ctx.path(f"{COUPLINGS}/manifest.json"))
     teacher_dir = ctx.path("models/teacher")
-    check_couplings_teacher(couplings, teacher_identity(teacher_dir, read_manifest(teacher_dir).get("lineage", {}).get(
-        "mlflow_run_id")), COUPLINGS)
+    check_couplings_teacher(couplings, teacher_identity(teacher_dir), COUPLINGS)
     teacher = load_denoiser(teacher_dir)
     spec = student_spec(teacher.spec, steps=p.sampler_steps)  # DataError for a non-velocity teacher
     root = checkpoint_dir(ctx.path("checkpoints/reflow"), p.train_config(), spec, couplings["teacher"],
@@ -38,13 +37,17 @@ def rectify(ctx: StageContext) -> dict:
     ctx.run.set_tags({"checkpoint_dir": root.relative_to(ctx.repo)})
     started = time.time()
     weights, spec, record = train_reflow(teacher, spec, ctx.path(COUPLINGS), couplings, p, root, ctx.out_dir,
-                                         ctx.run.child_run, ctx.run.tracking_uri)
+                                         ctx.run.child_run, ctx.run.tracking_uri, ctx.params.distributed)
     save_denoiser(ctx.out_dir, load_weights(weights), spec)
-    ctx.manifest.update({"model": spec, "rounds": record["rounds"], "checkpoint_dir": str(root.relative_to(ctx.repo)),
+    ctx.record["rounds"] = [{"round": r["round"], "mlflow_run_id": r["mlflow_run_id"]} for r in record["rounds"]]
+    rounds = [{k: v for k, v in r.items() if k != "mlflow_run_id"} for r in record["rounds"]]
+    ctx.manifest.update({"model": spec, "rounds": rounds, "checkpoint_dir": str(root.relative_to(ctx.repo)),
                          "couplings": {k: couplings[k] for k in ("count", "nfe", "teacher")},
                          "optimal_transport": "not claimed: a zero reflow loss does not imply optimal transport"})
     if record["distill"]:
-        ctx.manifest["distill"] = record["distill"]
+        distill = record["distill"]
+        ctx.record["distill"] = {"nfe": distill["nfe"], "mlflow_run_id": distill["mlflow_run_id"]}
+        ctx.manifest["distill"] = {k: v for k, v in distill.items() if k != "mlflow_run_id"}
     return {**record["metrics"], "train_seconds": round(time.time() - started, 2)}
 
 

@@ -2,27 +2,35 @@
 
 A stage flow is `run_stage(SPEC, body)` inside a Prefect @flow. `run_stage`:
 1. validates params.yaml (typed schema; a bad value stops the stage naming the key, nothing written);
-2. checks its inputs exist and reads their lineage (dvc.lock digest, producing MLflow run);
-3. opens the stage's MLflow run (tags: stage, upstream.<stage>.run_id, git.commit, dvc.lock.digest);
+2. checks its inputs (the dvc.yaml deps another stage produces) exist and finds the run that produced each;
+3. opens the stage's MLflow run (tags: stage, upstream.<stage>.run_id, git.commit, dvc.lock.digest, params.digest);
 4. lets `body(ctx)` write into a temp dir that becomes the output only on success (atomic);
-5. writes manifest.json (stage, run id, commit, params used, inputs) into the output and the metrics file.
+5. writes manifest.json into the output: only what the inputs determine (stage, params used, input digests), so
+   an unchanged rerun gives a byte-identical output; writes the metrics file; tags the run with the output's
+   content digest (`output.digest`) and writes the run record data/<stage>/run.json (run id, commit, digests,
+   times, upstream runs): a sidecar DVC does not hash, which is how a downstream stage finds the producing run.
 """
 from __future__ import annotations
 
-import functools
+import contextlib
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
-
-import yaml
+from typing import Any, Callable, Iterator, Optional
 
 from components.config import Params, load_params
 from components.errors import DataError, UserError
-from components.io import atomic_output_dir, read_json, remove_stale_temp_dirs, write_json
-from components.tracking.lineage import (MANIFEST, StageRun, describe_input, dvc_lock_digest, git_commit,
-                                         resolve_tracking_uri)
+from components.io import (HolderLock, LockHeld, atomic_output_dir, describe_holder, file_records, read_json,
+                           remove_stale_temp_dirs, verify_file_records, write_json)
+from components.tracking.lineage import (MANIFEST, OUTPUT_DIGEST_TAG, StageRun, content_digest, describe_input,
+                                         dvc_locked_hash, dvc_stages, end_abandoned_run, entry_paths,
+                                         output_producers, resolve_tracking_uri, run_record_path)
 from components.tracking.registry import MODEL_SPEC_FILE, check_tracking_server, log_and_register_model
 from flows.runtime import repo_root
 
@@ -56,7 +64,8 @@ class StageContext:
     out_dir: Path  # temp dir; becomes spec.output when the stage succeeds
     run: StageRun
     inputs: list[dict]
-    manifest: dict = field(default_factory=dict)  # body adds stage-specific entries here
+    manifest: dict = field(default_factory=dict)  # body adds stage-specific entries here (content only)
+    record: dict = field(default_factory=dict)  # run-specific facts (child run ids, ...): the run record, not the output
 
     def path(self, rel: str) -> Path:
         return self.repo / rel
@@ -65,30 +74,9 @@ class StageContext:
         self.run.log_metrics(metrics, step=step)
 
 
-def dvc_stages(repo: Path) -> dict[str, dict]:
-    """The `stages` of the repo's dvc.yaml as written (a plain YAML read: no DVC import in a stage process)."""
-    path = Path(repo) / "dvc.yaml"
-    return _read_stages(str(path), path.stat().st_mtime_ns) if path.exists() else {}
-
-
-@functools.lru_cache(maxsize=4)
-def _read_stages(path: str, mtime_ns: int) -> dict[str, dict]:  # mtime_ns: part of the cache key only
-    return (yaml.safe_load(Path(path).read_text()) or {}).get("stages") or {}
-
-
-def _entry_paths(entries) -> list[str]:
-    return [(e if isinstance(e, str) else next(iter(e))).rstrip("/") for e in entries or []]
-
-
 def declared_deps(repo: Path, stage: str) -> list[str]:
     """The deps of `stage` in dvc.yaml (paths, in order); empty when the stage is not declared."""
-    return _entry_paths(dvc_stages(repo).get(stage, {}).get("deps"))
-
-
-def output_producers(repo: Path) -> dict[str, str]:
-    """Every output path of dvc.yaml (outs, metrics, plots) -> the stage that writes it."""
-    return {path: name for name, stage in dvc_stages(repo).items()
-            for key in ("outs", "metrics", "plots") for path in _entry_paths(stage.get(key))}
+    return entry_paths(dvc_stages(repo).get(stage, {}).get("deps"))
 
 
 def stage_inputs(repo: Path, spec: StageSpec) -> tuple[str, ...]:
@@ -117,45 +105,234 @@ def run_stage(spec: StageSpec, body: Callable[[StageContext], Optional[dict]],
     repo = repo_root()
     params = params or load_params(repo / "params.yaml")
     input_paths = stage_inputs(repo, spec)
-    for rel in input_paths:
-        if not (repo / rel).exists():
-            producer = output_producers(repo).get(rel)
-            hint = f" (run `dvc repro {producer}` first)" if producer else ""
-            raise DataError(f"stage '{spec.name}' needs {rel}, which does not exist{hint}")
-    inputs = [describe_input(repo, rel) for rel in input_paths]
+    producers = output_producers(repo)
+    check_inputs(repo, spec.name, input_paths, producers)
+    check_writable(repo, spec)
     out = repo / spec.output
-    remove_stale_temp_dirs(out)
-    started = time.time()
     stage_params = used_params(params, spec.sections)
     tracking_uri = resolve_tracking_uri(repo, params.tracking.uri)
     check_tracking_server(tracking_uri)  # one clear line instead of MLflow's minutes of HTTP retries
-    with StageRun(spec.name, params.tracking.experiment, tracking_uri, stage_params, inputs, repo) as run:
-        with atomic_output_dir(out) as tmp:
-            ctx = StageContext(spec, repo, params, tmp, run, inputs)
-            metrics = body(ctx) or {}
-            manifest = {**ctx.manifest, "lineage": {
-                "stage": spec.name,
-                "mlflow_run_id": run.run_id,
-                "mlflow_experiment": params.tracking.experiment,
-                "mlflow_parent_run_id": run.parent_run_id,
-                "git_commit": run.tags.get("git.commit"),
-                "dvc_lock_digest": dvc_lock_digest(repo),
-                "params": stage_params,
-                "inputs": inputs,
-                "created_unix": round(started),
-            }}
-            write_json(tmp / MANIFEST, manifest)
-        metrics = {**metrics, "stage_seconds": round(time.time() - started, 3)}
-        metrics_file = repo / spec.metrics_path
-        metrics_file.parent.mkdir(parents=True, exist_ok=True)
-        write_json(metrics_file, metrics)
-        run.log_metrics(metrics)
-        run.log_artifact(out / MANIFEST)
-        if (out / MODEL_SPEC_FILE).exists():  # a model-producing stage: PyTorch flavour + registry
-            name, version = log_and_register_model(out, params.tracking.experiment, spec.name,
-                                                   tags={"stage": spec.name, "git.commit": run.tags.get("git.commit")})
-            run.set_tags({"registered_model.name": name, "registered_model.version": version})
+    with stage_lock(repo, spec, tracking_uri) as lock:
+        settle_previous_run(spec.name, lock.previous)
+        inputs = [describe_input(repo, rel, producers.get(rel)) for rel in input_paths]
+        remove_stale_temp_dirs(out)
+        started = time.time()
+        with StageRun(spec.name, params.tracking.experiment, tracking_uri, stage_params, inputs, repo) as run:
+            lock.update(mlflow_run_id=run.run_id)
+            run.set_tags({"host": lock.record["host"], "pid": lock.record["pid"]})
+            with atomic_output_dir(out) as tmp:
+                ctx = StageContext(spec, repo, params, tmp, run, inputs)
+                metrics = body(ctx) or {}
+                # Only what the inputs determine goes into the output, so an unchanged rerun keeps its DVC hash and
+                # leaves everything downstream up to date; run ids, commit and times go to the run record below.
+                # `files` (size + md5 of each file) lets every reader check the output is intact (check_inputs).
+                write_json(tmp / MANIFEST, {**ctx.manifest, FILES_KEY: file_records(tmp), "lineage": {
+                    "stage": spec.name, "params": stage_params,
+                    "inputs": [{"path": r["path"], "stage": r["stage"], "digest": r["content_digest"]} for r in inputs]}})
+            metrics = {**metrics, "stage_seconds": round(time.time() - started, 3)}
+            metrics_file = repo / spec.metrics_path
+            metrics_file.parent.mkdir(parents=True, exist_ok=True)
+            write_json(metrics_file, metrics)
+            output_digest = content_digest(out)
+            record = {**ctx.record, "stage": spec.name, "output": spec.output, "output_digest": output_digest,
+                      "mlflow_run_id": run.run_id, "mlflow_experiment": params.tracking.experiment,
+                      "mlflow_parent_run_id": run.parent_run_id, "git_commit": run.tags.get("git.commit"),
+                      "dvc_lock_digest": run.tags.get("dvc.lock.digest"), "params_digest": run.tags.get("params.digest"),
+                      "upstream": {r["stage"]: r["run_id"] for r in inputs if r.get("stage")},
+                      "started_unix": round(started), "finished_unix": round(time.time()),
+                      "checkpoint_dir": run.tags.get("checkpoint_dir")}  # kept by `clean-checkpoints`
+            lock.update(outcome="completed")  # the work is done: a tracking outage from here on must not undo it
+            try:
+                check_tracking_server(tracking_uri)  # a dead server: fail in seconds, not after minutes of retries
+                run.log_metrics(metrics)
+                run.log_artifact(out / MANIFEST)
+                run.set_tags({OUTPUT_DIGEST_TAG: output_digest})
+                if (out / MODEL_SPEC_FILE).exists():  # a model-producing stage: PyTorch flavour + registry
+                    name, version = log_and_register_model(out, params.tracking.experiment, spec.name,
+                                                           tags={"stage": spec.name, "git.commit": run.tags.get("git.commit")})
+                    run.set_tags({"registered_model.name": name, "registered_model.version": version})
+                    record["registered_model"] = {"name": name, "version": version}
+            except Exception as e:  # noqa: BLE001  (any MLflow/HTTP failure: the outputs are already in place)
+                if not tracking_uri.startswith(("http://", "https://")):
+                    raise
+                _warn(f"stage '{spec.name}' completed and its outputs are in place, but the MLflow server at "
+                      f"{tracking_uri} failed while recording them ({type(e).__name__}); run "
+                      f"{run.run_id} lacks its final metrics/model and is closed when the stage next runs")
+                run.abandon()
+            write_json(run_record_path(repo, spec.name), record)
+    COMPLETED.add(spec.name)
     return metrics
+
+
+COMPLETED: set[str] = set()  # stages whose run_stage returned in this process (the CLI ignores a later Prefect outage)
+FILES_KEY = "files"  # manifest entry: {relative path: {"size", "md5"}} of every file of the output
+LOCK_DIR = "checkpoints/.locks"
+
+
+def check_inputs(repo: Path, stage: str, input_paths, producers: dict[str, str], missing_ok: bool = False) -> None:
+    """Every input exists and, when its manifest lists its files, matches them (sizes, then md5): a truncated
+    shard or a corrupt model stops the stage at once with one line naming the file."""
+    for rel in input_paths:
+        path = repo / rel
+        producer = producers.get(rel)
+        if not path.exists():
+            if missing_ok:
+                continue
+            hint = f" (run `dvc repro {producer}` first)" if producer else ""
+            raise DataError(f"stage '{stage}' needs {rel}, which does not exist{hint}")
+        if path.resolve() in _VERIFIED:
+            continue
+        manifest_file = path / MANIFEST
+        records = read_json(manifest_file).get(FILES_KEY) if manifest_file.is_file() else None
+        if records:
+            problem = verify_file_records(path, records)
+            if problem:
+                rebuild = f"`dvc repro -f {producer}`" if producer else "its producing stage"
+                raise DataError(f"{problem}; restore it with `dvc checkout --force {rel}` or rebuild it with {rebuild}")
+        _VERIFIED.add(path.resolve())
+
+
+_VERIFIED: set[Path] = set()  # inputs already checked by this process
+
+
+def check_declared_inputs(repo: Path, stage: str) -> None:
+    """Check the stage's dvc.yaml inputs that exist, before Prefect, MLflow and torch are imported: a damaged
+    input is reported in about a second instead of after the stage's set-up."""
+    producers = output_producers(repo)
+    deps = [d for d in declared_deps(repo, stage) if d in producers and producers[d] != stage]
+    check_inputs(repo, stage, deps, producers, missing_ok=True)
+
+
+def check_writable(repo: Path, spec: StageSpec) -> None:
+    """Fail before any work if the output, metrics or checkpoint location cannot be written (read-only data/...)."""
+    for rel in (Path(spec.output).parent, Path(spec.metrics_path).parent, Path(LOCK_DIR)):
+        target = repo / rel
+        existing = next(p for p in (target, *target.parents) if p.exists())
+        try:
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
+                pass
+        except OSError as e:
+            raise DataError(f"stage '{spec.name}' cannot write to {existing} ({e.strerror}); it writes "
+                            f"{spec.output}, {spec.metrics_path} and checkpoints/{spec.name}") from None
+
+
+@contextlib.contextmanager
+def stage_lock(repo: Path, spec: StageSpec, tracking_uri: str) -> Iterator[HolderLock]:
+    """One process per stage and repo at a time: it owns checkpoints/<stage>/ and the stage's output.
+
+    The lock names its holder (pid, host, start time, MLflow run, Prefect flow run); a second run of the stage
+    stops with one line naming it instead of writing the same checkpoint directory.
+    """
+    lock = HolderLock(repo / LOCK_DIR / f"{spec.name}.lock", stage=spec.name, tracking_uri=tracking_uri,
+                      prefect_flow_run_id=_current_flow_run_id())
+    try:
+        lock.__enter__()
+    except LockHeld as e:
+        raise UserError(f"stage '{spec.name}' is already running: {describe_holder(e.holder)}; a second run "
+                        f"would write the same checkpoints/{spec.name} and {spec.output} (lock {e.path}); "
+                        "wait for it or stop it") from None
+    try:
+        yield lock
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def settle_previous_run(stage: str, previous: dict) -> None:
+    """Close the MLflow and Prefect runs the previous holder of the stage lock left open.
+
+    We hold the lock, so that process is gone. If it died (kill -9, OOM killer) its runs still say RUNNING: the
+    MLflow run (and its children) become FAILED and the Prefect flow run Crashed. If its work had completed and
+    only a server outage kept it from closing them, they become FINISHED / Completed.
+    """
+    if not previous:
+        return
+    completed = previous.get("outcome") == "completed"
+    who = describe_holder(previous)
+    note = (f"the stage completed but its process ({who}) could not close this run (server unreachable)"
+            if completed else f"the stage process ({who}) died without closing this run (killed: kill -9, OOM?)")
+    closed = []
+    if previous.get("mlflow_run_id") and previous.get("tracking_uri"):
+        try:
+            if end_abandoned_run(previous["tracking_uri"], previous["mlflow_run_id"],
+                                 "FINISHED" if completed else "FAILED", note):
+                closed.append(f"MLflow run {previous['mlflow_run_id']} -> {'FINISHED' if completed else 'FAILED'}")
+        except Exception as e:  # noqa: BLE001  (best effort: never stop a stage over an old run)
+            _warn(f"could not close the previous '{stage}' MLflow run {previous['mlflow_run_id']}: {e}")
+    if previous.get("prefect_flow_run_id"):
+        try:
+            if _settle_flow_run(previous["prefect_flow_run_id"], completed, note):
+                closed.append(f"Prefect flow run {previous['prefect_flow_run_id']} -> "
+                              f"{'Completed' if completed else 'Crashed'}")
+        except Exception as e:  # noqa: BLE001
+            _warn(f"could not close the previous '{stage}' Prefect flow run {previous['prefect_flow_run_id']}: "
+                  f"{type(e).__name__}: {e}")
+    if closed:
+        _warn(f"the previous '{stage}' run ({who}) {'could not report its end' if completed else 'was killed'}: "
+              + "; ".join(closed))
+
+
+def _current_flow_run_id() -> Optional[str]:
+    try:
+        from prefect.runtime import flow_run
+
+        return flow_run.id
+    except Exception:  # noqa: BLE001  (not inside a flow)
+        return None
+
+
+def _settle_flow_run(flow_run_id: str, completed: bool, note: str) -> bool:
+    """Force a still-running Prefect flow run into Completed or Crashed; False if it had already ended."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Crashed
+
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(flow_run_id)
+        if flow_run.state is not None and flow_run.state.is_final():
+            return False
+        client.set_flow_run_state(flow_run_id, Completed(message=note) if completed else Crashed(message=note),
+                                  force=True)
+        return True
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def restore_metrics(repo: Path, stage: str) -> list[str]:
+    """Put back the stage's metrics files that `dvc repro` deleted before a run that then failed.
+
+    DVC removes every output, metrics included, before it runs a stage; metrics are `cache: false` (git tracks
+    them), so `dvc checkout` cannot restore them. The copy recorded in dvc.lock is taken from DVC's cache (the run
+    cache keeps one of every metrics file it saw) or from git HEAD when its digest matches; dvc.lock is unchanged
+    after a failure, so the restored file makes `dvc status` show only what really changed. Returns what it restored.
+    """
+    restored = []
+    for rel in entry_paths(dvc_stages(repo).get(stage, {}).get("metrics")):
+        path, locked = Path(repo) / rel, dvc_locked_hash(repo, rel)
+        if path.exists() or not locked:
+            continue
+        content = _cached_object(repo, locked) or _git_head_file(repo, rel)
+        if content is not None and hashlib.md5(content).hexdigest() == locked:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+            restored.append(rel)
+    return restored
+
+
+def _cached_object(repo: Path, md5: str) -> Optional[bytes]:
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(repo)) as dvc_repo:
+            path = Path(dvc_repo.cache.local.oid_to_path(md5))
+        return path.read_bytes() if path.is_file() else None
+    except Exception:  # no DVC repo or unreadable cache: fall back to git
+        return None
+
+
+def _git_head_file(repo: Path, rel: str) -> Optional[bytes]:
+    result = subprocess.run(["git", "show", f"HEAD:{rel}"], cwd=repo, capture_output=True, timeout=30)
+    return result.stdout if result.returncode == 0 else None
 
 
 def read_manifest(path: Path) -> dict:
@@ -172,7 +349,30 @@ def run_stage_in_flow(spec: StageSpec, body: Callable[[StageContext], Optional[d
     from prefect.states import Failed
 
     try:
-        return run_stage(spec, body)
+        result = run_stage(spec, body)
     except UserError as e:
         get_run_logger().error(f"{type(e).__name__}: {e}")
         return Failed(message=f"{e}", data=e)
+    except PermissionError as e:  # e.g. a read-only checkpoints/ or data/ discovered mid-stage
+        error = DataError(f"stage '{spec.name}' cannot write {e.filename}: {e.strerror}")
+        get_run_logger().error(f"DataError: {error}")
+        return Failed(message=f"{error}", data=error)
+    if EXIT_IF_PREFECT_LOST and not _prefect_answers():
+        # The work is done and recorded (outputs, metrics, MLflow); Prefect would retry for minutes and then fail
+        # the process, so DVC would not record the outputs. Orchestration is for visibility: exit successfully.
+        _warn(f"stage '{spec.name}' completed, but the Prefect server at {os.environ.get('PREFECT_API_URL')} "
+              "stopped answering; its flow run is marked Completed when the stage next runs")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return result
+
+
+EXIT_IF_PREFECT_LOST = False  # set by the CLI (`python -m flows <stage>`), whose process ends with the stage
+
+
+def _prefect_answers() -> bool:
+    from flows.runtime import api_healthy
+
+    url = os.environ.get("PREFECT_API_URL")
+    return not url or api_healthy(url, timeout=3.0)

@@ -1,7 +1,7 @@
 """`teacher` stage: train the teacher denoiser on data/shards with the one training recipe (DeepSpeed; in one
-process, or `teacher.processes` ranks); write models/teacher/ (EMA weights, model.json, a sample plot, manifest).
-Checkpoints live in checkpoints/teacher/<fingerprint>/ outside the DVC output, so a crashed or interrupted run
-resumes where it stopped."""
+process, or on the ranks of the `distributed` section); write models/teacher/ (EMA weights, model.json, a sample
+plot, manifest). Checkpoints live in checkpoints/teacher/<fingerprint>/ outside the DVC output, so a crashed or
+interrupted run resumes where it stopped."""
 from __future__ import annotations
 
 import sys
@@ -30,7 +30,8 @@ def train_teacher(ctx: StageContext) -> dict:
     ctx.run.set_tags({"checkpoint_dir": root.relative_to(ctx.repo)})
     started = time.time()
     job = training_job(denoiser_task, {"spec": spec, "objective": objective, "shards": str(shards)}, p,
-                       p.train_config(), root, ctx.out_dir / WEIGHTS_FILE, ctx.run.run_id, ctx.run.tracking_uri)
+                       p.train_config(), root, ctx.out_dir / WEIGHTS_FILE, ctx.run.run_id, ctx.run.tracking_uri,
+                       ctx.params.distributed)
     outcome = run_job(job, log_fn=ctx.log_metrics)
     train_seconds = time.time() - started
     save_spec(ctx.out_dir, spec)
@@ -38,7 +39,7 @@ def train_teacher(ctx: StageContext) -> dict:
     ctx.manifest.update({"model": spec, "objective": objective, "checkpoint_dir": str(root.relative_to(ctx.repo))})
     return {"steps": outcome.steps, "final_loss": outcome.final_loss, "train_seconds": round(train_seconds, 2),
             "steps_per_sec": round((outcome.steps - outcome.resumed_from) / max(train_seconds, 1e-9), 2),
-            "processes": p.processes, "resumed_from_step": outcome.resumed_from}
+            "processes": ctx.params.distributed.world_size, "resumed_from_step": outcome.resumed_from}
 
 
 def plot_samples(model_dir, shards, manifest, n: int, seed: int):

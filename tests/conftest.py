@@ -88,6 +88,13 @@ def taught_project(taught_template, tmp_path) -> Path:
     return dest
 
 
+def run_record(root: Path, stage: str) -> dict:
+    """The stage's run record (data/<stage>/run.json): its MLflow run, commit, digests, child runs."""
+    import json
+
+    return json.loads((root / "data" / stage / "run.json").read_text())
+
+
 def set_params(root: Path, updates: dict) -> None:
     path = root / "params.yaml"
     params = yaml.safe_load(path.read_text())

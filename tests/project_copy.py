@@ -11,12 +11,13 @@ REPO = Path(__file__).resolve().parents[1]
 def copy_project(dest: Path) -> Path:
     """Copy the project's source files (tracked + new, not ignored) into `dest` and commit them there.
 
-    The developer's dvc.lock is left out: a copy starts as a pipeline that never ran."""
+    The developer's dvc.lock and metrics files are left out: a copy starts as a pipeline that never ran."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
     for rel in files:
         src = REPO / rel
-        if rel != "dvc.lock" and src.is_file():
+        pipeline_output = rel == "dvc.lock" or (rel.startswith("data/") and rel != "data/.gitkeep")
+        if not pipeline_output and src.is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / rel)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],

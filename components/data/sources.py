@@ -192,6 +192,23 @@ def _load_npz(p: DataParams) -> SourceData:
     return SourceData(x, y, None, description={"source": "npz", "path": str(path)})
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR-10 batch holds: dicts, lists, bytes/str, ints and numpy arrays/scalars.
+
+    A user-supplied archive is untrusted: plain `pickle.load` would construct (and call) any importable object.
+    """
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refuses to construct {module}.{name}: only plain arrays, lists, "
+                                         "numbers and strings are accepted")
+        return super().find_class(module, name)
+
+
 def _load_cifar10(p: DataParams) -> SourceData:
     """The standard python-format archive (cifar-10-python.tar.gz) or its extracted cifar-10-batches-py folder."""
     path = _existing_path(p)
@@ -218,9 +235,11 @@ def _load_cifar10(p: DataParams) -> SourceData:
     xs, ys = [], []
     for name in wanted:
         try:
-            d = pickle.load(io.BytesIO(blobs[name]), encoding="bytes")
+            d = _CifarUnpickler(io.BytesIO(blobs[name]), encoding="bytes").load()
             data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             labels = np.asarray(d[b"labels"], dtype=np.int64)
+        except pickle.UnpicklingError as e:
+            raise DataError(f"{path}: '{name}' is not a CIFAR-10 batch ({e})") from None
         except Exception as e:  # any unpickling/shape problem means "not the archive"
             raise DataError(f"{path}: '{name}' is not a CIFAR-10 batch ({e.__class__.__name__})") from None
         xs.append(data)

@@ -10,16 +10,28 @@ import csv
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 MAX_SCATTER_POINTS = 2000
 
 
+def _new_figure(**kwargs) -> Figure:
+    # matplotlib is imported on first use: importing components.evaluation (metrics) must not cost every
+    # stage ~0.5 s of CPU for plotting code it never runs (benchmarks/bench_stage_overhead.py).
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
 def _save(figure: Figure, path: str | Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
@@ -51,7 +63,7 @@ def scatter_grid(
     if not columns:
         raise ValueError("samples: no NFE entries")
     limits = np.abs(real_points).max() * 1.3
-    figure = Figure(figsize=(2.2 * len(columns), 2.2 * len(samples)))
+    figure = _new_figure(figsize=(2.2 * len(columns), 2.2 * len(samples)))
     axes = figure.subplots(len(samples), len(columns), squeeze=False)
     for row, (model, per_nfe) in enumerate(samples.items()):
         by_int = {int(k): v for k, v in per_nfe.items()}
@@ -92,7 +104,7 @@ def image_grid(
         top, left = pad + r * (height + pad), pad + c * (width + pad)
         canvas[:, top : top + height, left : left + width] = unit[index]
     array = canvas.permute(1, 2, 0).numpy()
-    figure = Figure(figsize=(max(2.0, array.shape[1] / 12), max(2.0, array.shape[0] / 12)))
+    figure = _new_figure(figsize=(max(2.0, array.shape[1] / 12), max(2.0, array.shape[0] / 12)))
     axis = figure.add_subplot()
     axis.imshow(array[..., 0] if channels == 1 else array, cmap="gray" if channels == 1 else None, vmin=0, vmax=1,
                 interpolation="nearest")
@@ -107,7 +119,7 @@ def quality_vs_nfe(
     floor: float | None = None,
 ) -> Path:
     """Line plot of ``metric`` against NFE (log2 x axis), one line per model, dashed line at the floor."""
-    figure = Figure(figsize=(5, 3.5))
+    figure = _new_figure(figsize=(5, 3.5))
     axis = figure.add_subplot()
     plotted = 0
     all_nfe: set[int] = set()
@@ -143,7 +155,7 @@ def trajectory_plot(
     states = states.detach().cpu().numpy()
     if states.ndim != 3 or states.shape[2] != 2 or states.shape[0] < 2:
         raise ValueError(f"trajectory: expected [K+1 >= 2, B, 2] states, got {states.shape}")
-    figure = Figure(figsize=(4, 4))
+    figure = _new_figure(figsize=(4, 4))
     axis = figure.add_subplot()
     if real is not None:
         real_points = _numpy_2d(real, "real")

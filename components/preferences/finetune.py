@@ -16,7 +16,7 @@ from components.objectives.denoising import make_objective
 from components.objectives.dpo import DiffusionDPOObjective, default_mse_target
 from components.preferences.bradley_terry import preference_batches
 from components.preferences.pairs import PairSet, read_pair_shards
-from components.training.recipe import TrainingTask, set_torch_threads
+from components.training.recipe import TrainingTask, rank_seed, set_torch_threads
 
 
 def time_sampler_for(spec: dict[str, Any]) -> Callable[[int, torch.device], torch.Tensor]:
@@ -52,6 +52,6 @@ def dpo_task(args: dict[str, Any], config: TrainConfig, world_size: int, threads
     objective = DiffusionDPOObjective(copy.deepcopy(reference.denoiser), args["beta"], time_sampler_for(reference.spec),
                                       target=default_mse_target(reference.spec["prediction"]))
     batches = preference_batches(pairs.x_w.float(), pairs.x_l.float(), config.micro_batch_size(world_size),
-                                 config.seed, pairs.cond)
+                                 rank_seed(config.seed), pairs.cond)
     return TrainingTask(policy, objective, batches,
                         fingerprint={"dpo": {"beta": args["beta"], "pairs": len(pairs), "reference": reference.spec}})

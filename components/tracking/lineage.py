@@ -7,6 +7,7 @@ digest is the DVC hash of the input (from dvc.lock) when DVC has recorded it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import subprocess
@@ -19,6 +20,8 @@ import yaml
 from components.io import read_json, tree_digest
 
 MANIFEST = "manifest.json"
+RUN_RECORD = "run.json"
+OUTPUT_DIGEST_TAG = "output.digest"
 PARENT_RUN_ENV = "PIPELINE_PARENT_RUN_ID"  # set by the pipeline flow so stage runs nest under its run
 
 
@@ -36,23 +39,89 @@ def resolve_tracking_uri(repo_root: Path, configured: Optional[str] = None) -> s
     return f"sqlite:///{(Path(repo_root).resolve() / 'mlflow.db').as_posix()}"
 
 
+def dvc_stages(repo_root: Path) -> dict[str, dict]:
+    """The `stages` of the repo's dvc.yaml as written (a plain YAML read, cached per file version)."""
+    path = Path(repo_root) / "dvc.yaml"
+    return _read_stages(str(path), path.stat().st_mtime_ns) if path.exists() else {}
+
+
+@functools.lru_cache(maxsize=4)
+def _read_stages(path: str, mtime_ns: int) -> dict[str, dict]:  # mtime_ns: part of the cache key only
+    return (yaml.safe_load(Path(path).read_text()) or {}).get("stages") or {}
+
+
+def entry_paths(entries) -> list[str]:
+    """Paths of a dvc.yaml deps/outs/metrics list (entries are strings or one-key dicts)."""
+    return [(e if isinstance(e, str) else next(iter(e))).rstrip("/") for e in entries or []]
+
+
+def output_producers(repo_root: Path) -> dict[str, str]:
+    """Every output path of dvc.yaml (outs, metrics, plots) -> the stage that writes it."""
+    return {path: name for name, stage in dvc_stages(repo_root).items()
+            for key in ("outs", "metrics", "plots") for path in entry_paths(stage.get(key))}
+
+
 def git_commit(repo_root: Path) -> Optional[str]:
-    """HEAD's sha, with a '-dirty' suffix when tracked files differ from it; None outside git."""
+    """HEAD's sha, with '-dirty' when tracked code differs from it; None outside git.
+
+    Files that `dvc repro` itself writes (dvc.lock, params.yaml under `dvc exp run -S`, every output and metrics
+    file of dvc.yaml) do not count: they are recorded as their own digests (`dvc.lock.digest`, `params.digest`),
+    so the commit names the code, and the second stage of a `dvc repro` is not '-dirty' because the first one
+    rewrote dvc.lock.
+    """
+    excluded = ["dvc.lock", "params.yaml", *output_producers(repo_root)]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo_root, capture_output=True, text=True,
                              timeout=10).stdout.strip()
         if not sha:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo_root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                *(f":(exclude){p}" for p in excluded)], cwd=repo_root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
 
+def file_digest(path: Path) -> Optional[str]:
+    return hashlib.md5(path.read_bytes()).hexdigest() if path.exists() else None
+
+
 def dvc_lock_digest(repo_root: Path) -> Optional[str]:
-    lock = Path(repo_root) / "dvc.lock"
-    return hashlib.md5(lock.read_bytes()).hexdigest() if lock.exists() else None
+    return file_digest(Path(repo_root) / "dvc.lock")
+
+
+def params_digest(repo_root: Path) -> Optional[str]:
+    return file_digest(Path(repo_root) / "params.yaml")
+
+
+def content_digest(path: Path) -> Optional[str]:
+    """md5 over every file of an output (its manifest included), or of one file; None if it does not exist."""
+    path = Path(path)
+    if path.is_dir():
+        return tree_digest(path, exclude=())
+    return file_digest(path)
+
+
+def run_record_path(repo_root: Path, stage: str) -> Path:
+    """The sidecar beside the stage's metrics: which run produced its current output (not hashed by DVC)."""
+    return Path(repo_root) / "data" / stage / RUN_RECORD
+
+
+def producing_run(repo_root: Path, stage: str, digest: Optional[str]) -> dict:
+    """The run record of `stage` if it describes the output whose content digest is `digest`, else {}.
+
+    The record is rewritten by every run of the stage; the digest check makes a stale record (after `dvc
+    checkout` of another revision, or a restore from DVC's run cache) harmless: the caller then asks MLflow for
+    the run tagged with that `output.digest` (`StageRun` does)."""
+    path = run_record_path(repo_root, stage)
+    if not digest or not path.exists():
+        return {}
+    with contextlib.suppress(ValueError, OSError):
+        record = read_json(path)
+        if record.get("output_digest") == digest:
+            return record
+    return {}
 
 
 def dvc_locked_hash(repo_root: Path, rel_path: str) -> Optional[str]:
@@ -69,21 +138,20 @@ def dvc_locked_hash(repo_root: Path, rel_path: str) -> Optional[str]:
     return None
 
 
-def describe_input(repo_root: Path, rel_path: str) -> dict:
-    """Path, content digest and producing run of one input, read from dvc.lock and the input's manifest."""
+def describe_input(repo_root: Path, rel_path: str, producer: Optional[str] = None) -> dict:
+    """One input: its path, producing stage, content digest (what the output manifest records), DVC hash (the
+    MLflow dataset digest, from dvc.lock when DVC recorded it) and the run that produced exactly this content."""
     path = Path(repo_root) / rel_path
-    record: dict[str, Any] = {"path": rel_path, "stage": None, "run_id": None}
+    content = content_digest(path)
+    record: dict[str, Any] = {"path": rel_path, "stage": producer, "content_digest": content}
     locked = dvc_locked_hash(repo_root, rel_path)
-    manifest = read_json(path / MANIFEST) if (path / MANIFEST).exists() else {}
     if locked:
         record["digest"], record["digest_source"] = locked, "dvc.lock"
-    elif manifest.get("digest"):
-        record["digest"], record["digest_source"] = manifest["digest"], "manifest"
     else:
-        record["digest"], record["digest_source"] = (tree_digest(path) if path.is_dir() else None), "computed"
-    lineage = manifest.get("lineage", {})
-    record["stage"] = lineage.get("stage")
-    record["run_id"] = lineage.get("mlflow_run_id")
+        record["digest"], record["digest_source"] = content, "computed"
+    run = producing_run(repo_root, producer, content) if producer else {}
+    record["run_id"] = run.get("mlflow_run_id")
+    record["git_commit"] = run.get("git_commit")
     return record
 
 
@@ -117,6 +185,27 @@ def ensure_experiment(name: str, tracking_uri: str, repo_root: Path) -> None:
     mlflow.set_experiment(name)
 
 
+def run_with_output(tracking_uri: str, experiment: str, stage: str, digest: Optional[str]) -> Optional[str]:
+    """The newest finished run of `stage` whose output had content digest `digest` (its `output.digest` tag)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment) if digest else None
+    if found is None:
+        return None
+    runs = client.search_runs([found.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                              filter_string=f"tags.stage = '{stage}' and tags.`{OUTPUT_DIGEST_TAG}` = '{digest}' "
+                                            "and attributes.status = 'FINISHED'")
+    return runs[0].info.run_id if runs else None
+
+
+def output_run_id(repo_root: Path, stage: str, output: str, experiment: str, tracking_uri: str) -> Optional[str]:
+    """The run that produced the current content of `output` (the run record, else MLflow's `output.digest`)."""
+    digest = content_digest(Path(repo_root) / output)
+    return (producing_run(repo_root, stage, digest).get("mlflow_run_id")
+            or run_with_output(tracking_uri, experiment, stage, digest))
+
+
 class StageRun:
     """An MLflow run for one stage execution, with the lineage tags and input datasets of DESIGN.md."""
 
@@ -138,8 +227,12 @@ class StageRun:
         mlflow.set_tracking_uri(self.tracking_uri)
         ensure_experiment(self.experiment, self.tracking_uri, self.repo_root)
         tags = {"stage": self.stage, "git.commit": git_commit(self.repo_root) or "unknown",
-                "dvc.lock.digest": dvc_lock_digest(self.repo_root) or "none"}
+                "dvc.lock.digest": dvc_lock_digest(self.repo_root) or "none",
+                "params.digest": params_digest(self.repo_root) or "none"}
         for rec in self.inputs:
+            if rec.get("stage") and not rec.get("run_id"):
+                rec["run_id"] = run_with_output(self.tracking_uri, self.experiment, rec["stage"],
+                                                rec.get("content_digest"))
             if rec.get("stage") and rec.get("run_id"):
                 tags[f"upstream.{rec['stage']}.run_id"] = rec["run_id"]
         for var in ("DVC_STAGE", "DVC_EXP_NAME"):
@@ -174,6 +267,7 @@ class StageRun:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        self.tags.update({k: str(v) for k, v in tags.items()})
 
     @contextlib.contextmanager
     def child_run(self, name: str, params: Optional[dict] = None, tags: Optional[dict] = None):
@@ -191,7 +285,18 @@ class StageRun:
                 mlflow.log_params({k: ("null" if v is None else v) for k, v in flatten(params).items()})
             yield ChildRun(run.info.run_id, mlflow)
 
+    def abandon(self) -> None:
+        """Forget the run in this process without telling the (unreachable) server: no end_run now or at exit.
+        The stage's next run closes it (flows/stage.py `settle_previous_run`)."""
+        self._abandoned = True
+        from mlflow.tracking import fluent
+
+        with contextlib.suppress(Exception):  # private API; worst case MLflow retries end_run at exit
+            fluent._active_run_stack.get().clear()
+
     def __exit__(self, exc_type, exc, tb) -> None:
+        if getattr(self, "_abandoned", False):
+            return
         self._mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
 
 
@@ -206,3 +311,24 @@ class ChildRun:
         clean = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if clean:
             self._mlflow.log_metrics(clean, step=step)
+
+
+def end_abandoned_run(tracking_uri: str, run_id: str, status: str, note: str) -> list[str]:
+    """End a run, and its child runs, still RUNNING after the process that owned it died; returns the ids ended.
+
+    `status` is FAILED for a killed stage, FINISHED for one whose work completed but which could not end its run
+    (tracking server unreachable at the end). `note` goes into the `stage.ended_by` tag.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    ended = []
+    children = client.search_runs([run.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'")
+    for r in [*children, run]:
+        if r.info.status == "RUNNING":
+            client.set_tag(r.info.run_id, "stage.ended_by", note)
+            client.set_terminated(r.info.run_id, status=status)
+            ended.append(r.info.run_id)
+    return ended

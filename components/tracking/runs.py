@@ -158,3 +158,4 @@ def child_runs(parent_run_id: str, experiment: str, tracking_uri: str) -> list[d
                               filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
                               order_by=["attributes.start_time ASC"])
     return [describe_run(client, r.info.run_id) for r in runs]
+

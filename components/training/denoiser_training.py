@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from components.config import ModelParams, TeacherParams, TrainConfig
-from components.data.loader import infinite_batches, make_loader
+from components.data.loader import epoch_batches, infinite_batches, make_loader
 from components.errors import DataError
 from components.models.store import build_denoiser
 from components.objectives.denoising import make_objective
@@ -70,11 +70,12 @@ def objective_config(spec: dict[str, Any], teacher: TeacherParams) -> dict[str, 
 
 
 def shard_batches(shards: Path | str, config: TrainConfig, world_size: int) -> Iterator[dict]:
-    """Endless shuffled micro-batches of the train split for this rank. Multi-rank: resampled shards give every
-    rank the same number of batches (no rank waits on another)."""
-    loader = make_loader(shards, "train", config.micro_batch_size(world_size), shuffle=True,
-                         resampled=world_size > 1, seed=config.seed, drop_last=True)
-    return infinite_batches(loader)
+    """Endless shuffled micro-batches of the train split for this rank. Multi-rank: exact epochs split by node and
+    rank, the same number of batches on every rank (no rank waits on another)."""
+    micro = config.micro_batch_size(world_size)
+    if world_size > 1:
+        return epoch_batches(shards, "train", micro, seed=config.seed)
+    return infinite_batches(make_loader(shards, "train", micro, shuffle=True, seed=config.seed, drop_last=True))
 
 
 def denoiser_task(args: dict[str, Any], config: TrainConfig, world_size: int, threads: int = 0) -> TrainingTask:

@@ -59,7 +59,8 @@ def progressive_round_task(args: dict[str, Any], config: TrainConfig, world_size
 
 
 def progressive_distillation(teacher: LoadedModel, shards: Path, p: ProgressiveParams, root: Path, out_dir: Path,
-                             open_child, tracking_uri: Optional[str] = None) -> tuple[dict[str, str], dict]:
+                             open_child, tracking_uri: Optional[str] = None,
+                             distributed=None) -> tuple[dict[str, str], dict]:
     """Rounds teacher_steps -> teacher_steps/2 -> ... -> 1, each in a child run `open_child(name, params, tags)`;
     writes `out_dir`/steps_<n>/ per round and the 1-step student at the top with spec["students"] (which
     LoadedModel.sample(noise, nfe=k) uses to pick the student trained for k steps).
@@ -78,7 +79,7 @@ def progressive_distillation(teacher: LoadedModel, shards: Path, p: ProgressiveP
         with open_child(f"round_{2 * n}_to_{n}", {"student_steps": n, "teacher_steps": 2 * n, **p.train_config().model_dump()},
                         {"stage.round_of": "progressive"}) as child:
             job = training_job(progressive_round_task, args, p, p.train_config(), root / sub, out_dir / sub / WEIGHTS_FILE,
-                               child.run_id, tracking_uri)
+                               child.run_id, tracking_uri, distributed)
             outcome = run_job(job, log_fn=child.log_metrics)
             child.log_metrics({"final_loss": outcome.final_loss}, outcome.steps)
         save_spec(out_dir / sub, spec)

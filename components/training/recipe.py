@@ -1,8 +1,8 @@
 """The one training recipe. Every training stage (teacher, reflow, progressive, consistency, dpo) describes its run
 as a `TrainJob`: which task, the task's JSON-able inputs, the Trainer's settings, where to checkpoint and export.
-`run_job` runs it in this process, or as `processes` ranks of `python -m components.training.worker JOB` through
-the one launcher; every rank runs the same `run_job_here`, so a stage is made multi-process by its `processes`
-setting alone.
+`run_job` runs it in this process, or as the ranks of `python -m components.training.worker JOB` through the one
+launcher (`distributed.processes_per_node` x `distributed.nodes`); every rank runs the same `run_job_here`, so
+every training stage is made multi-process by the `distributed` settings alone.
 
 A task builder, named in the job as "module:function" (`task_ref`), turns a job's `args` into a `TrainingTask`: the
 model, the loss, the batches and the checkpoint fingerprint. `train` runs the one Trainer on it: resume from the checkpoint dir, fit, export the EMA.
@@ -57,7 +57,9 @@ class TrainJob:
     train: dict[str, Any]  # TrainConfig fields
     checkpoint_dir: str
     export: str  # the exported (EMA) weights file
-    processes: int = 1
+    processes_per_node: int = 1  # ranks per machine (the `distributed` section)
+    nodes: int = 1
+    timeout_s: int = 300  # a collective waiting this long on a dead rank stops the job
     torch_threads: int = 0  # 0: auto (set_torch_threads)
     tracking_uri: Optional[str] = None  # launched ranks: rank 0 logs metrics into this MLflow run
     run_id: Optional[str] = None
@@ -83,6 +85,12 @@ def set_torch_threads(spec: dict[str, Any], requested: int = 0) -> int:
     threads = requested or (1 if spec["network"]["kind"] == "mlp" else max(1, os.cpu_count() or 1))
     torch.set_num_threads(threads)
     return threads
+
+
+def rank_seed(seed: int) -> int:
+    """The seed of this rank's shuffle of in-memory data (couplings, preference pairs): `seed` on rank 0 (one process:
+    unchanged), offset on the others, so ranks draw independent batches instead of the same ones."""
+    return seed + 1000 * world_info()[0]
 
 
 def train(task: TrainingTask, config: TrainConfig, checkpoint_dir: Path | str, export: Path | str,
@@ -133,16 +141,18 @@ def run_job_here(job: TrainJob, log_fn: Optional[LogFn] = None) -> TrainOutcome:
 
 
 def run_job(job: TrainJob, log_fn: Optional[LogFn] = None) -> TrainOutcome:
-    """Run `job` here (processes 1, metrics to `log_fn`) or as `job.processes` local ranks (rank 0 logs into the
-    MLflow run `job.run_id`); returns rank 0's outcome either way."""
-    if job.processes == 1:
+    """Run `job` here (one process, metrics to `log_fn`) or as `processes_per_node` ranks on each of `nodes`
+    machines (this is node 0; the others run `python -m flows.join`; rank 0 logs into the MLflow run
+    `job.run_id`); returns rank 0's outcome either way."""
+    if job.processes_per_node * job.nodes == 1:
         return run_job_here(job, log_fn)
     work = Path(job.checkpoint_dir)
     work.mkdir(parents=True, exist_ok=True)
     job_file, result_file = work / "job.json", work / "outcome.json"
     result_file.unlink(missing_ok=True)
-    job_file.write_text(json.dumps(dataclasses.asdict(job)))
-    code = launch_ranks(job.processes, ["-m", "components.training.worker", str(job_file), str(result_file)])
+    job_file.write_text(json.dumps({"job": dataclasses.asdict(job), "result": str(result_file)}))
+    code = launch_ranks(job.processes_per_node, ["-m", "components.training.worker", str(job_file)], nodes=job.nodes,
+                        timeout_s=job.timeout_s)
     if code != 0:
         raise RuntimeError(f"training ranks of {job.task} exited with code {code} (see their output above)")
     outcome = TrainOutcome(**json.loads(result_file.read_text()))
@@ -152,9 +162,12 @@ def run_job(job: TrainJob, log_fn: Optional[LogFn] = None) -> TrainOutcome:
 
 
 def training_job(task: TaskBuilder, args: dict[str, Any], params, config: TrainConfig, checkpoint_dir: Path | str,
-                 export: Path | str, run_id: Optional[str] = None, tracking_uri: Optional[str] = None) -> TrainJob:
-    """A TrainJob of a stage running the task builder `task`: `params` is its section (a TrainParams: processes, torch_threads), `config` the
-    Trainer's settings (usually `params.train_config()`), `run_id` the MLflow run launched ranks log into."""
+                 export: Path | str, run_id: Optional[str] = None, tracking_uri: Optional[str] = None,
+                 distributed=None) -> TrainJob:
+    """A TrainJob of a stage running the task builder `task`: `params` is its section (a TrainParams:
+    torch_threads), `config` the Trainer's settings (usually `params.train_config()`), `run_id` the MLflow run
+    launched ranks log into, `distributed` the `distributed` section (None: one process)."""
+    ranks = {} if distributed is None else {"processes_per_node": distributed.processes_per_node,
+                                            "nodes": distributed.nodes, "timeout_s": distributed.timeout_s}
     return TrainJob(task_ref(task), args, config.model_dump(mode="json"), str(checkpoint_dir), str(export),
-                    processes=params.processes, torch_threads=params.torch_threads, tracking_uri=tracking_uri,
-                    run_id=run_id)
+                    torch_threads=params.torch_threads, tracking_uri=tracking_uri, run_id=run_id, **ranks)

@@ -8,6 +8,7 @@ the DVC output, so an interrupted run regenerates only the missing chunks.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -24,7 +25,8 @@ from components.io import file_md5
 from components.models.store import (WEIGHTS_FILE, LoadedModel, build_denoiser, load_weights, model_from_weights,
                                      save_denoiser)
 from components.objectives.reflow import EulerDistillObjective, ReflowObjective, coupling_diagnostics
-from components.training.recipe import TrainingTask, run_job, set_torch_threads, training_job
+from components.training.distributed import barrier, rank_share
+from components.training.recipe import TrainingTask, rank_seed, run_job, set_torch_threads, training_job
 
 COUPLING_PREFIX = "couplings"  # shard files couplings-%06d.tar
 CHUNK_SEED_STRIDE = 1_000_003  # chunk i of seed s draws its noise from seed s * stride + i
@@ -87,30 +89,33 @@ def generate_couplings(model: LoadedModel, count: int, batch_size: int, nfe: int
     work_dir.mkdir(parents=True, exist_ok=True)
     shape = list(model.spec["data_shape"])
     n_chunks = math.ceil(count / batch_size)
-    zs, xs, ys, reused = [], [], [], 0
-    bar = tqdm(total=count, desc="couplings", unit="pair", disable=not progress, mininterval=1.0)
-    for chunk in range(n_chunks):
-        size = min(batch_size, count - chunk * batch_size)
-        path = work_dir / f"chunk{chunk:06d}.pt"
-        z, y = chunk_noise(seed, chunk, size, shape, model.num_classes)
-        if path.exists():
-            saved = torch.load(path, weights_only=True)
-            if saved["x"].shape[0] == size:
-                x = saved["x"]
-                reused += 1
-            else:  # a chunk of another size (batch_size changed): regenerate
-                x = solve(model, z, y, nfe, solver)
-        else:
+    sizes = [min(batch_size, count - chunk * batch_size) for chunk in range(n_chunks)]
+    paths = [work_dir / f"chunk{chunk:06d}.pt" for chunk in range(n_chunks)]
+    # Launched on several ranks, each solves its share of the chunks (seeded by chunk index), then all read every
+    # chunk in order: the same pairs as one process.
+    mine = rank_share(n_chunks)
+    reused = 0
+    bar = tqdm(total=sum(sizes[c] for c in mine), desc="couplings", unit="pair", disable=not progress, mininterval=1.0)
+    for chunk in mine:
+        size, path = sizes[chunk], paths[chunk]
+        if path.exists() and torch.load(path, weights_only=True)["x"].shape[0] == size:
+            reused += 1
+        else:  # missing, or a chunk of another size (batch_size changed): (re)generate
+            z, y = chunk_noise(seed, chunk, size, shape, model.num_classes)
             x = solve(model, z, y, nfe, solver)
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
             torch.save({"x": x}, tmp)
             tmp.replace(path)  # atomic: a killed run never leaves a half chunk
-        zs.append(z)
-        xs.append(x)
-        if y is not None:
-            ys.append(y)
         bar.update(size)
     bar.close()
+    barrier()
+    zs, xs, ys = [], [], []
+    for chunk in range(n_chunks):
+        z, y = chunk_noise(seed, chunk, sizes[chunk], shape, model.num_classes)
+        zs.append(z)
+        xs.append(torch.load(paths[chunk], weights_only=True)["x"])
+        if y is not None:
+            ys.append(y)
     return torch.cat(zs), torch.cat(xs), (torch.cat(ys) if ys else None), reused
 
 
@@ -147,8 +152,8 @@ def coupling_task(args: dict[str, Any], config: TrainConfig, world_size: int, th
     else:
         loss_fn = EulerDistillObjective(objective["nfe"])
     z, x, y = read_couplings(args["couplings"])
-    batches = shuffled_batches({"z": z, "x": x, "y": y}, config.micro_batch_size(world_size), config.seed,
-                               what="couplings")
+    batches = shuffled_batches({"z": z, "x": x, "y": y}, config.micro_batch_size(world_size),
+                               rank_seed(config.seed), what="couplings")
     return TrainingTask(model, loss_fn, batches, fingerprint={"spec": spec, "objective": objective})
 
 
@@ -158,16 +163,15 @@ DIAGNOSTIC_PAIRS = 512  # at most this many noise draws / couplings for straight
 STRAIGHTNESS_STEPS = 32
 
 
-def teacher_identity(teacher_dir: Path | str, mlflow_run_id: Optional[str]) -> dict:
-    """What identifies the teacher a coupling came from: its MLflow run id and weights digest."""
-    return {"path": "models/teacher", "mlflow_run_id": mlflow_run_id,
-            "weights_md5": file_md5(Path(teacher_dir) / WEIGHTS_FILE)}
+def teacher_identity(teacher_dir: Path | str) -> dict:
+    """What identifies the teacher a coupling came from: its weights digest (its MLflow run is in the lineage)."""
+    return {"path": "models/teacher", "weights_md5": file_md5(Path(teacher_dir) / WEIGHTS_FILE)}
 
 
 def check_couplings_teacher(coupling_manifest: dict, current: dict, couplings_rel: str) -> None:
-    """The couplings' manifest must name the current teacher (run id and weights digest): DataError otherwise."""
+    """The couplings' manifest must name the current teacher (its weights digest): DataError otherwise."""
     recorded = coupling_manifest.get("teacher") or {}
-    for key in ("weights_md5", "mlflow_run_id"):
+    for key in ("weights_md5",):
         if recorded.get(key) != current[key]:
             raise DataError(f"{couplings_rel} was generated from a different teacher ({key} {recorded.get(key)} in "
                             f"its manifest, models/teacher has {current[key]}); rerun `dvc repro couplings`")
@@ -206,13 +210,15 @@ def regenerate_couplings(model: LoadedModel, coupling_manifest: dict, work_dir: 
 
 
 def train_reflow(teacher: LoadedModel, spec: dict, couplings_dir: Path, coupling_manifest: dict, p: ReflowParams,
-                 root: Path, out_dir: Path, open_child, tracking_uri: Optional[str] = None) -> tuple[dict, dict, dict]:
+                 root: Path, out_dir: Path, open_child, tracking_uri: Optional[str] = None,
+                 distributed=None) -> tuple[Path, dict, dict]:
     """k rounds of rectified flow from the teacher's weights, then (reflow.distill_nfe > 0) the distillation into
     that many Euler steps; every round and the distillation in a child run `open_child(name, tags)` (a context
     manager yielding an object with `run_id` and `log_metrics`). Checkpoints under `root`; the k-RF model is saved
     to `out_dir`/rectified when distilled.
 
-    Returns (weights file of the final model, its spec, {"metrics", "rounds", "distill"})."""
+    Returns (weights file of the final model, its spec, {"metrics", "rounds", "distill"}); rounds and distill carry
+    their child run's "mlflow_run_id"."""
     coupling = read_couplings(couplings_dir)
     if len(coupling[0]) < p.batch_size:
         raise DataError(f"the couplings hold {len(coupling[0])} pairs, fewer than reflow.batch_size={p.batch_size}")
@@ -235,7 +241,7 @@ def train_reflow(teacher: LoadedModel, spec: dict, couplings_dir: Path, coupling
         with open_child(f"reflow-round{round_no}", {"reflow.round": round_no, "reflow.parent_stage": "reflow"}) as child:
             job = training_job(coupling_task, {"spec": spec, "init": str(weights), "objective": objective,
                                             "couplings": str(couplings_dir)}, p, p.train_config(),
-                               work / "ckpt", work / "export.pt", child.run_id, tracking_uri)
+                               work / "ckpt", work / "export.pt", child.run_id, tracking_uri, distributed)
             outcome = run_job(job, log_fn=child.log_metrics)
             weights = Path(job.export)
             model = model_from_weights(spec, weights, out_dir)
@@ -257,7 +263,7 @@ def train_reflow(teacher: LoadedModel, spec: dict, couplings_dir: Path, coupling
         job = training_job(coupling_task, {"spec": distill_spec, "init": str(weights),
                                         "objective": {"name": "euler_distill", "nfe": p.distill_nfe},
                                         "couplings": str(couplings_dir)}, p, p.train_config(steps=p.distill_steps),
-                           work / "ckpt", work / "export.pt", child.run_id, tracking_uri)
+                           work / "ckpt", work / "export.pt", child.run_id, tracking_uri, distributed)
         outcome = run_job(job, log_fn=child.log_metrics)
         distilled = model_from_weights(distill_spec, job.export, out_dir)
         distill = {"final_loss": outcome.final_loss, "steps": outcome.steps,

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from components.config import TrainConfig
 from components.errors import UserError
 
-from .distributed import ensure_process_group_env, skip_deepspeed_cpu_shm_op, world_info
+from .distributed import broadcast_from_rank0, init_process_group, world_info
 from .ema import EMA
 
 LossFn = Callable[[nn.Module, dict], tuple[torch.Tensor, dict[str, float]]]
@@ -43,6 +43,14 @@ _STATE_FILE = "trainer_state.json"
 
 class CheckpointMismatchError(UserError, ValueError):
     """The checkpoint in ``checkpoint_dir`` was written for a different model/config (fingerprint differs)."""
+
+
+class UnreadableCheckpointError(UserError, ValueError):
+    """A checkpoint file cannot be read (truncated, garbage, or holding objects beyond plain tensors and containers)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -127,6 +135,28 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _checkpoint_safe_globals() -> list:
+    """The only non-container types in DeepSpeed's checkpoints (found with torch's get_unsafe_globals_in_checkpoint
+    over ZeRO 0/1/2 x fp32/bf16): plain data classes, constructed without running any of the file's code."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path: str, map_location=None):
+    """``torch.load`` with ``weights_only=True`` (no arbitrary unpickling) plus DeepSpeed's few plain types.
+
+    Raises :class:`UnreadableCheckpointError` naming the file when it is corrupt or holds anything else."""
+    try:
+        with torch.serialization.safe_globals(_checkpoint_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unpickling errors come in many types; all mean "unreadable"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnreadableCheckpointError(str(path), f"{type(e).__name__}: {reason}") from None
+
+
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -154,14 +184,11 @@ class Trainer:
         log_fn: LogFn | None = None,
         fingerprint: Mapping[str, Any] | None = None,
     ) -> None:
-        ensure_process_group_env()
+        init_process_group()
         import deepspeed  # imported late: importing it probes the accelerator, which is slow
 
         # DeepSpeed logs its whole config at INFO on every engine; keep the console for the progress bar.
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-        skip_deepspeed_cpu_shm_op()
-        if not dist.is_initialized():
-            deepspeed.init_distributed(verbose=False)
         self.rank, self.world_size = world_info()
         self.config = config
         self.loss_fn = loss_fn
@@ -179,6 +206,9 @@ class Trainer:
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=build_deepspeed_config(config, self.world_size, engine_clips=not self._trainer_clips),
         )
+        # DeepSpeed unpickles checkpoint files with weights_only=False: files under checkpoints/ would run any code
+        # they hold. Every file it reads goes through its checkpoint engine's load, so that is where we restrict it.
+        self.engine.checkpoint_engine.load = safe_torch_load
         if self.world_size == 1 and config.zero_stage == 0:
             # A one-rank "all-reduce" of the gradients is the identity, but DeepSpeed still flattens, reduces
             # and copies back every gradient each step (about 0.6 ms per step on CPU): skip it.
@@ -218,42 +248,103 @@ class Trainer:
 
     def latest_checkpoint(self) -> tuple[str, dict[str, Any]] | None:
         """Return (tag, trainer_state) of the newest complete checkpoint, or None when there is none."""
+        found = self._complete_checkpoints()
+        return found[0] if found else None
+
+    def _complete_checkpoints(self) -> list[tuple[str, dict[str, Any]]]:
+        """(tag, trainer_state) of every checkpoint whose state file is readable, newest first; tags newer than the
+        ``latest`` pointer (a save cut short) are left out."""
         pointer = self.checkpoint_dir / _LATEST_FILE
         if not pointer.is_file():
-            return None
-        tag = pointer.read_text().strip()
-        state_path = self.checkpoint_dir / tag / _STATE_FILE
-        if not state_path.is_file():
-            raise CheckpointMismatchError(f"checkpoint {self.checkpoint_dir / tag} has no {_STATE_FILE}")
-        return tag, json.loads(state_path.read_text())
+            return []
+        newest = pointer.read_text().strip()
+        found = []
+        for tag_dir in sorted(self.checkpoint_dir.glob("step*"), reverse=True):
+            if tag_dir.name > newest or not (tag_dir / _STATE_FILE).is_file():
+                continue
+            try:
+                found.append((tag_dir.name, json.loads((tag_dir / _STATE_FILE).read_text())))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                print(f"warning: {tag_dir / _STATE_FILE} is unreadable; skipping that checkpoint", file=sys.stderr)
+        return found
 
-    def _resume(self) -> bool:
-        found = self.latest_checkpoint()
-        if found is None:
-            return False
-        tag, state = found
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on at least one (so all ranks take the same branch)."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.engine.device)
+        dist.all_reduce(value)
+        return bool(value.item() > 0)
+
+    def _check_resumable(self, tag: str, state: Mapping[str, Any]) -> None:
+        """One-line errors for a checkpoint this run cannot continue (other model, other rank count, more steps)."""
+        where = self.checkpoint_dir / tag
         differing = _differing_keys(state.get("fingerprint", {}), self.fingerprint)
+        if differing == ["trainer.world_size"]:
+            saved = state["fingerprint"]["trainer.world_size"]
+            raise CheckpointMismatchError(
+                f"checkpoint {where} was written by {saved} ranks with ZeRO stage {self.config.zero_stage}, whose "
+                f"optimizer state is split per rank; this run has {self.world_size}: rerun with distributed."
+                f"processes_per_node x distributed.nodes = {saved}, or delete {self.checkpoint_dir} to start over")
         if differing:
             raise CheckpointMismatchError(
-                f"checkpoint {self.checkpoint_dir / tag} was written with a different fingerprint; "
+                f"checkpoint {where} was written with a different fingerprint; "
                 f"differing keys: {', '.join(differing)}; delete {self.checkpoint_dir} to train from scratch"
             )
+        if int(state["step"]) > self.config.steps:
+            raise CheckpointMismatchError(
+                f"checkpoint {where} is at step {state['step']} but steps is {self.config.steps}: set steps >= "
+                f"{state['step']} to continue it, or delete {self.checkpoint_dir} to train {self.config.steps} "
+                f"steps from scratch")
+
+    def _resume(self) -> bool:
+        # Rank 0 decides which checkpoints exist; every rank must see them (a shared filesystem across nodes).
+        candidates = broadcast_from_rank0(self._complete_checkpoints() if self.rank == 0 else None)
+        if not candidates:
+            return False
+        tag, state = candidates[0]
+        self._check_resumable(tag, state)
         if state["step"] == self.step and self._last_saved_step == self.step:
             return True  # this very object wrote it: already in that state
+        if self._any_rank(not (self.checkpoint_dir / tag).is_dir()):
+            raise CheckpointMismatchError(
+                f"checkpoint {self.checkpoint_dir / tag} exists on rank 0 but not on every rank: put checkpoints/ "
+                f"on a filesystem all nodes share, or delete {self.checkpoint_dir} to start over")
+        for tag, state in candidates:
+            self._check_resumable(tag, state)
+            try:
+                client_state = self._load_tag(tag)
+            except UnreadableCheckpointError as e:
+                bad = e
+            else:
+                bad = None
+            if self._any_rank(bad is not None):
+                if self.rank == 0 or bad is not None:
+                    print(f"warning: checkpoint {self.checkpoint_dir / tag} is unreadable "
+                          f"({bad if bad else 'on another rank'}); trying the previous one", file=sys.stderr)
+                continue
+            self.ema.load_state_dict(client_state["ema"])
+            self.step = int(client_state["step"])
+            self.last_loss = float(client_state.get("last_loss", float("nan")))
+            rng_path = self.checkpoint_dir / tag / f"rng_rank{self.rank}.pt"
+            if rng_path.is_file():  # absent when this rank did not exist in the run that saved it
+                rng = safe_torch_load(str(rng_path))
+                torch.set_rng_state(rng["cpu"])
+                if torch.cuda.is_available() and "cuda" in rng:
+                    torch.cuda.set_rng_state(rng["cuda"])
+            self._last_saved_step = self.step
+            return True
+        raise CheckpointMismatchError(
+            f"no checkpoint in {self.checkpoint_dir} is readable (see the warnings above); delete "
+            f"{self.checkpoint_dir} to train from scratch")
+
+    def _load_tag(self, tag: str) -> dict[str, Any]:
         _, client_state = self.engine.load_checkpoint(
             str(self.checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
-        self.ema.load_state_dict(client_state["ema"])
-        self.step = int(client_state["step"])
-        self.last_loss = float(client_state.get("last_loss", float("nan")))
-        rng_path = self.checkpoint_dir / tag / f"rng_rank{self.rank}.pt"
-        if rng_path.is_file():
-            rng = torch.load(rng_path, weights_only=True)
-            torch.set_rng_state(rng["cpu"])
-            if torch.cuda.is_available() and "cuda" in rng:
-                torch.cuda.set_rng_state(rng["cuda"])
-        self._last_saved_step = self.step
-        return True
+        if client_state is None or "ema" not in client_state:
+            raise UnreadableCheckpointError(str(self.checkpoint_dir / tag), "no model state in it")
+        return client_state
 
     def _parameters_finite(self) -> bool:
         with torch.no_grad():
@@ -443,5 +534,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "UnreadableCheckpointError",
     "build_deepspeed_config",
+    "safe_torch_load",
 ]

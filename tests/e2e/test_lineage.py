@@ -6,7 +6,7 @@ import json
 
 import yaml
 
-from tests.conftest import run_dvc, run_flows
+from tests.conftest import run_dvc, run_flows, run_record
 from tests.e2e.test_pipeline import add_probe_stages, set_probe
 
 
@@ -16,7 +16,7 @@ def test_rerun_with_cached_upstream_links_to_the_producing_run(project):
     add_probe_stages(project)
     first = run_dvc(project, "repro", "probe_a")  # plain DVC: these runs have no pipeline parent
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
-    shard_run = json.loads((project / "data/shards/manifest.json").read_text())["lineage"]["mlflow_run_id"]
+    shard_run = run_record(project, "shard")["mlflow_run_id"]
 
     set_probe(project, "probe_a", 5)
     second = run_flows(project, "pipeline", "probe_a", "--name", "second")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import commit_all, project_env, run_dvc, run_flows
+from tests.conftest import commit_all, project_env, run_dvc, run_flows, run_record
 
 PROBES = ("probe_a", "probe_b")
 
@@ -213,8 +213,7 @@ def test_served_deployment_run_with_override(project, prefect_api):
     for probe in PROBES:
         assert children[probe]["upstream"] == {"shard": children["shard"]["run_id"]}
         assert [d["digest"] for d in children[probe]["inputs"]] == [shard_digest]
-        manifest = json.loads((project / f"data/{probe}_out/manifest.json").read_text())
-        assert manifest["lineage"]["mlflow_parent_run_id"] == parent.info.run_id
+        assert run_record(project, probe)["mlflow_parent_run_id"] == parent.info.run_id
     assert parent.data.tags["stage.probe_b.run_id"] == children["probe_b"]["run_id"]
     # registry: the model-producing stage registered <experiment>-<stage>, @latest is this run's model
     import mlflow

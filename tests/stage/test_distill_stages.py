@@ -10,7 +10,7 @@ from components.config import DataParams
 from components.data.shards import read_split
 from components.evaluation.metrics import sliced_wasserstein2
 from components.models.store import load_denoiser
-from tests.conftest import run_flows, set_params
+from tests.conftest import run_flows, set_params, run_record
 from tests.stage.test_featurizer_stage import conditional_zero_unet, write_shards_for
 
 
@@ -48,10 +48,10 @@ def test_students_sample_at_their_step_counts_and_beat_the_teacher_at_one_step(w
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    metrics = json.loads((root / "data/progressive/metrics.json").read_text())
-    run_ids = metrics["round_run_ids"]
+    record = run_record(root, "progressive")
+    run_ids = record["round_run_ids"]
     assert set(run_ids) == {"round_2", "round_1"}
-    stage_run = json.loads((root / "models/progressive/manifest.json").read_text())["lineage"]["mlflow_run_id"]
+    stage_run = record["mlflow_run_id"]
     for run_id in run_ids.values():
         run = client.get_run(run_id)
         assert run.data.tags["mlflow.parentRunId"] == stage_run and run.info.status == "FINISHED"

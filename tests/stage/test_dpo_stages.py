@@ -9,7 +9,7 @@ from components.models.store import load_denoiser
 from components.preferences.alignment import evaluate_alignment
 from components.preferences.pairs import read_pair_shards
 from components.preferences.rewards import make_reward
-from tests.conftest import run_flows, set_params
+from tests.conftest import run_flows, set_params, run_record
 
 MODE0_BOX = [[1.5, -0.6, 2.6, 0.6]]  # eight_gaussians: the mode at angle 0, centred on (2, 0)
 PREFS = {"reward": {"kind": "region", "squares": [], "boxes": MODE0_BOX}, "groups": 4, "k": 128,
@@ -26,8 +26,9 @@ def test_preferences_then_dpo_raise_the_win_rate_on_held_out_seeds(taught_projec
         assert r.returncode == 0, (stage, r.stderr[-3000:])
     pairs, manifest = read_pair_shards(project / "data/pairs")
     assert len(pairs) >= 100 and bool(((pairs.score_w - pairs.score_l) >= 0.05).all())
-    teacher_run = json.loads((project / "models/teacher/manifest.json").read_text())["lineage"]["mlflow_run_id"]
-    assert manifest["generating_run_id"] == teacher_run and manifest["reward"]["boxes"] == MODE0_BOX
+    teacher_run = run_record(project, "teacher")["mlflow_run_id"]
+    assert run_record(project, "preferences")["generating_run_id"] == teacher_run
+    assert manifest["reward"]["boxes"] == MODE0_BOX
 
     r = run_flows(project, "dpo")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -43,7 +44,7 @@ def test_preferences_then_dpo_raise_the_win_rate_on_held_out_seeds(taught_projec
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    run_id = json.loads((project / "models/dpo/manifest.json").read_text())["lineage"]["mlflow_run_id"]
+    run_id = run_record(project, "dpo")["mlflow_run_id"]
     run = client.get_run(run_id)
     assert run.data.tags["upstream.preferences.run_id"] and "implicit_accuracy" in run.data.metrics
 

@@ -20,6 +20,7 @@ from components.errors import DataError
 from components.io import write_json
 from components.evaluation import disjoint_subsets, mmd_rbf, sliced_wasserstein2, validate_metrics_schema
 from components.models.store import build_denoiser, load_denoiser, save_denoiser
+from components.tracking.lineage import content_digest, run_record_path
 from tests.conftest import commit_all, run_flows, set_params
 
 SIGMA_DATA = 0.5
@@ -35,13 +36,15 @@ def tiny_spec() -> dict:
 
 
 def write_zero_model(directory, run_id: str = "run-of-the-teacher", manifest: bool = True, weights: bool = True):
-    """A saved model whose network outputs 0 (so D = c_skip x), with a lineage manifest like a stage writes."""
+    """A saved model whose network outputs 0 (so D = c_skip x), with a manifest and a run record like a stage writes."""
     spec = tiny_spec()
     state = {k: torch.zeros_like(v) for k, v in build_denoiser(spec).state_dict().items()}
     save_denoiser(directory, state, spec)
     if manifest:
-        (directory / "manifest.json").write_text(json.dumps({"lineage": {"stage": "teacher", "mlflow_run_id": run_id,
-                                                                          "git_commit": "abc"}}))
+        (directory / "manifest.json").write_text(json.dumps({"lineage": {"stage": "teacher"}}))
+        record = run_record_path(directory.parents[1], directory.name)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write_json(record, {"mlflow_run_id": run_id, "git_commit": "abc", "output_digest": content_digest(directory)})
     if not weights:
         (directory / "model.pt").unlink()
 
@@ -133,12 +136,12 @@ def test_evaluate_writes_valid_metrics_report_and_mlflow_run_and_reruns_identica
     assert [r["nfe"] for r in rows] == [1, 2, 4] and rows[0]["sw2"] == teacher["1"]["sw2"]
     manifest = json.loads((report / "manifest.json").read_text())
     assert manifest["skipped_models"] == ["not_a_stage"]
-    assert manifest["lineage"]["inputs"][-1]["run_id"] == "run-of-the-teacher"
+    assert manifest["lineage"]["inputs"][-1]["path"] == "models/teacher"
 
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
-    run = client.get_run(manifest["lineage"]["mlflow_run_id"])
+    run = client.get_run(json.loads((project / "data/evaluate/run.json").read_text())["mlflow_run_id"])
     assert run.data.tags["upstream.teacher.run_id"] == "run-of-the-teacher"
     assert run.data.metrics["models.teacher.nfe.4.sw2"] == pytest.approx(teacher["4"]["sw2"])
     assert "report/report.html" in {a.path for a in client.list_artifacts(run.info.run_id, "report")}

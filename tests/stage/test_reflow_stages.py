@@ -11,7 +11,7 @@ from components.data.shards import read_split
 from components.evaluation.metrics import sliced_wasserstein2
 from components.models.store import WEIGHTS_FILE, load_denoiser
 from components.training.reflow_training import chunk_noise, read_couplings
-from tests.conftest import run_flows, set_params
+from tests.conftest import run_flows, set_params, run_record
 
 COUPLINGS = {"count": 2000, "batch_size": 500, "nfe": 32, "samples_per_shard": 800}
 REFLOW = {"steps": 300, "batch_size": 256, "checkpoint_every": 150, "warmup_steps": 20, "lr": 0.002,
@@ -32,9 +32,9 @@ def test_couplings_then_reflow_straighten_paths_and_beat_the_teacher_at_one_step
     r = run_flows(taught, "couplings")
     assert r.returncode == 0, r.stderr[-3000:]
     manifest = _json(taught / "data/couplings/shards/manifest.json")
-    teacher_run = _json(taught / "models/teacher/manifest.json")["lineage"]["mlflow_run_id"]
+    teacher_run = run_record(taught, "teacher")["mlflow_run_id"]
     assert manifest["count"] == 2000 and manifest["nfe"] == 32 and manifest["solver"] == "heun"
-    assert manifest["teacher"]["mlflow_run_id"] == teacher_run
+    assert run_record(taught, "couplings")["upstream"]["teacher"] == teacher_run
     z, x, y = read_couplings(taught / "data/couplings/shards")
     assert z.shape == x.shape == (2000, 2) and y is None
     # The pairs are the teacher's ODE solutions of the recorded fixed-seed noise.
@@ -57,10 +57,10 @@ def test_couplings_then_reflow_straighten_paths_and_beat_the_teacher_at_one_step
     assert metrics["round1_coupling_cost_over_assignment"] >= 1 - 1e-6  # the assignment is a lower bound
 
     # The round is an MLflow child run nested under the stage's run.
-    stage_run = _json(taught / "models/reflow/manifest.json")
+    stage_run = run_record(taught, "reflow")
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{taught / 'mlflow.db'}")
     child = client.get_run(stage_run["rounds"][0]["mlflow_run_id"])
-    assert child.data.tags["mlflow.parentRunId"] == stage_run["lineage"]["mlflow_run_id"]
+    assert child.data.tags["mlflow.parentRunId"] == stage_run["mlflow_run_id"]
     assert [m.value for m in client.get_metric_history(child.info.run_id, "loss")]
 
     # A different teacher than the one recorded in the couplings' manifest: refused with one line.
@@ -95,9 +95,9 @@ def _bad_input_rounds_and_distillation(taught):
                                    "distill_nfe": 2, "distill_steps": 30}})
     r = run_flows(taught, "reflow")
     assert r.returncode == 0, r.stderr[-3000:]
-    manifest = _json(taught / "models/reflow/manifest.json")
-    stage_run = manifest["lineage"]["mlflow_run_id"]
-    children = [entry["mlflow_run_id"] for entry in manifest["rounds"]] + [manifest["distill"]["mlflow_run_id"]]
+    record = run_record(taught, "reflow")
+    stage_run = record["mlflow_run_id"]
+    children = [entry["mlflow_run_id"] for entry in record["rounds"]] + [record["distill"]["mlflow_run_id"]]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{taught / 'mlflow.db'}")
     assert len(set(children)) == 3
     assert all(client.get_run(c).data.tags["mlflow.parentRunId"] == stage_run for c in children)

@@ -4,7 +4,7 @@ import shutil
 
 import numpy as np
 
-from tests.conftest import count_samples_with_plain_tar, run_flows, set_params
+from tests.conftest import count_samples_with_plain_tar, run_flows, set_params, run_record
 
 
 def _mlflow_run(project, run_id):
@@ -25,10 +25,12 @@ def test_shard_stage_writes_shards_manifest_metrics_and_mlflow_run(project):
     assert count_samples_with_plain_tar(out, "val") == manifest["splits"]["val"]["count"] == 120
     lineage = manifest["lineage"]
     assert lineage["stage"] == "shard" and lineage["params"]["data"]["n_samples"] == 600
-    run = _mlflow_run(project, lineage["mlflow_run_id"])
+    record = run_record(project, "shard")
+    run = _mlflow_run(project, record["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.tags["stage"] == "shard"
-    assert run.data.tags["git.commit"].split("-")[0] == lineage["git_commit"].split("-")[0] != "unknown"
+    assert run.data.tags["git.commit"] == record["git_commit"] != "unknown"
+    assert run.data.tags["output.digest"] == record["output_digest"]
     assert "dvc.lock.digest" in run.data.tags
     assert run.data.params["shard.samples_per_shard"] == "100"
     assert run.data.metrics["train_count"] == 480

@@ -13,7 +13,7 @@ import torch
 from components.data.shards import read_split
 from components.evaluation.metrics import mmd_rbf, sliced_wasserstein2
 from components.models.store import load_denoiser
-from tests.conftest import project_env, run_flows, set_params
+from tests.conftest import project_env, run_flows, set_params, run_record
 
 TINY = {"steps": 400, "batch_size": 256, "checkpoint_every": 100, "log_every": 50, "plot_samples": 200,
         "warmup_steps": 20, "lr": 0.003}
@@ -50,7 +50,7 @@ def test_teacher_learns_and_its_samples_beat_noise(taught_template):
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{sharded / 'mlflow.db'}")
-    run_id = json.loads((out / "manifest.json").read_text())["lineage"]["mlflow_run_id"]
+    run_id = run_record(sharded, "teacher")["mlflow_run_id"]
     losses = [m.value for m in client.get_metric_history(run_id, "loss")]
     assert len(losses) >= 5 and losses[-1] < losses[0]  # the training loss went down
     assert client.get_run(run_id).data.tags["upstream.shard.run_id"]
@@ -77,7 +77,7 @@ def test_killed_teacher_resumes_from_its_last_checkpoint(sharded):
 
 
 def test_teacher_on_two_ranks(sharded):
-    set_params(sharded, {"teacher": {**TINY, "steps": 20, "processes": 2, "batch_size": 128}})
+    set_params(sharded, {"teacher": {**TINY, "steps": 20, "batch_size": 128}, "distributed": {"processes_per_node": 2}})
     r = run_flows(sharded, "teacher")
     assert r.returncode == 0, r.stderr[-3000:]
     m = _metrics(sharded)
@@ -94,7 +94,8 @@ def test_teacher_without_shards_says_what_to_run(project):
 
 @pytest.mark.parametrize("update, message", [
     ({"objective": "score"}, "teacher.objective"),
-    ({"batch_size": 100, "processes": 3}, "teacher.batch_size 100 is not divisible by processes x grad_accum = 3"),
+    ({"batch_size": 100, "grad_accum": 3}, "teacher.batch_size 100 is not divisible by distributed.processes_per_node "
+                                           "x distributed.nodes x teacher.grad_accum = 1 x 1 x 3 = 3"),
     ({"sampler": {"method": "heun", "grid": "auto", "steps": 0, "guidance": 1.0}}, "teacher.sampler.steps"),
 ])
 def test_bad_teacher_params_are_one_line(project, update, message):

@@ -20,6 +20,13 @@ def test_repo_params_file_is_valid():
     ({"data": {"source": "cifar10"}}, "data.path is required"),
     ({"nosuchstage": {}}, "unknown key 'nosuchstage'"),
     ({"reflow": {"distill_one_step": True}}, "unknown key 'reflow.distill_one_step' (replaced by reflow.distill_nfe"),
+    ({"teacher": {"processes": 2}},
+     "unknown key 'teacher.processes' (replaced by distributed.processes_per_node, one setting for every training"),
+    ({"dpo": {"processes": 2}}, "unknown key 'dpo.processes' (replaced by distributed.processes_per_node"),
+    ({"distributed": {"processes_per_node": 4}, "progressive": {"batch_size": 258}},
+     "progressive.batch_size 258 is not divisible by distributed.processes_per_node x distributed.nodes x "
+     "progressive.grad_accum = 4 x 1 x 1 = 4"),
+    ({"distributed": {"nodes": 0}}, "distributed.nodes"),
 ])
 def test_bad_values_name_the_key_in_one_line(raw, needle):
     with pytest.raises(ParamsError) as e:
@@ -53,3 +60,21 @@ def test_yaml_syntax_error_is_one_line(tmp_path):
 
 def test_defaults_validate():
     assert Params().shard.min_shards >= 1
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_floats_are_params_errors(tmp_path, value):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"teacher:\n  lr: {value}\n")
+    with pytest.raises(ParamsError, match=r"teacher\.lr = .*finite number"):
+        load_params(path)
+
+
+def test_duplicate_keys_are_refused_at_any_level(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("teacher:\n  lr: 0.1\nshard:\n  seed: 1\nteacher:\n  steps: 3\n")
+    with pytest.raises(ParamsError, match=r"duplicate key 'teacher' \(line 5; first at line 1\)"):
+        load_params(path)
+    path.write_text("teacher:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ParamsError, match="duplicate key 'lr'"):
+        load_params(path)

@@ -49,3 +49,53 @@ def test_tree_digest_depends_on_content_not_location(tmp_path):
     assert tree_digest(a) == tree_digest(b)
     (b / "sub" / "x.bin").write_bytes(b"124")
     assert tree_digest(a) != tree_digest(b)
+
+
+def test_file_records_find_a_truncated_or_modified_file(tmp_path):
+    from components.io import file_records, verify_file_records
+
+    (tmp_path / "a.tar").write_bytes(b"x" * 1000)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.bin").write_bytes(b"y" * 10)
+    records = file_records(tmp_path)
+    assert set(records) == {"a.tar", "sub/b.bin"} and verify_file_records(tmp_path, records) is None
+    (tmp_path / "a.tar").write_bytes(b"x" * 400)
+    assert "a.tar has 400 bytes, its manifest says 1000" in verify_file_records(tmp_path, records)
+    (tmp_path / "a.tar").write_bytes(b"z" * 1000)
+    assert "a.tar differs from the md5" in verify_file_records(tmp_path, records)
+
+
+def test_holder_lock_names_its_holder_and_is_released_when_the_holder_dies(tmp_path):
+    """A real second process holds the lock; SIGKILL of that process frees it and leaves its record behind."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from components.io import HolderLock, LockHeld
+
+    path = tmp_path / "stage.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from components.io import HolderLock\n"
+        f"with HolderLock({str(path)!r}, mlflow_run_id='r1'): print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockHeld) as e:
+            HolderLock(path).__enter__()
+        assert e.value.holder["pid"] == holder.pid and f"pid {holder.pid} on " in str(e.value)
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    deadline = time.time() + 10
+    while True:  # the kernel releases the flock with the process
+        try:
+            with HolderLock(path, mlflow_run_id="r2") as lock:
+                assert lock.previous["pid"] == holder.pid and lock.previous["mlflow_run_id"] == "r1"
+                break
+        except LockHeld:
+            assert time.time() < deadline
+            time.sleep(0.1)
+    assert json.loads(path.read_text())["mlflow_run_id"] == "r2"

@@ -1,6 +1,8 @@
 """Reflow objectives, coupling diagnostics and coupling generation against closed forms
 (reference/algorithms-training.md section 4 and section 7 item 5)."""
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from components.diffusion.samplers import sample
 from components.diffusion.schedules import make_schedule
 from components.errors import DataError
 from components.evaluation.metrics import straightness
-from components.models.store import LoadedModel, build_denoiser
+from components.models.store import LoadedModel, build_denoiser, load_denoiser
 from components.objectives.reflow import (EulerDistillObjective, ReflowObjective, coupling_diagnostics,
                                           reflow_loss, transport_cost)
 from components.training.reflow_training import (generate_couplings, read_couplings, student_spec,
@@ -181,6 +183,26 @@ def test_couplings_resume_from_finished_chunks_and_round_trip_through_shards(tmp
     assert torch.equal(z3, z) and torch.equal(x3, x) and y3 is None
     with pytest.raises(DataError, match="couplings.count=3 is smaller than couplings.batch_size=4"):
         generate_couplings(model, 3, 4, nfe=4, solver="heun", seed=7, work_dir=tmp_path / "w", progress=False)
+
+
+def test_couplings_split_over_two_ranks_equal_one_process(tmp_path):
+    from components.training.distributed import launch_ranks
+
+    torch.manual_seed(0)
+    spec = _tiny_spec()
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    torch.save(build_denoiser(spec).state_dict(), model_dir / "model.pt")
+    (model_dir / "model.json").write_text(json.dumps(spec))
+    worker = Path(__file__).with_name("_couplings_worker.py")
+    assert launch_ranks(2, [str(worker), str(model_dir), str(tmp_path / "w2"), str(tmp_path / "two.pt")]) == 0
+    two = torch.load(tmp_path / "two.pt", weights_only=True)
+    model = load_denoiser(model_dir)
+    z, x, _, _ = generate_couplings(model, 10, 4, nfe=4, solver="heun", seed=7, work_dir=tmp_path / "w1",
+                                    progress=False)
+    assert two["chunks"] == ["chunk000000.pt", "chunk000001.pt", "chunk000002.pt"]  # 2 by rank 0, 1 by rank 1
+    assert torch.equal(two["z"], z)
+    torch.testing.assert_close(two["x"], x, rtol=1e-5, atol=1e-6)  # float kernels may differ by thread count
 
 
 def _loaded(spec, state, directory) -> LoadedModel:

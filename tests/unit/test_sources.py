@@ -90,6 +90,19 @@ def test_cifar10_archive_keeps_official_split(tmp_path, as_dir):
     assert len(train) == 20 and len(val) == 4 and d.num_classes == 10
 
 
+class _RunsCode:  # what a hostile archive would pickle: unpickling it calls os.system
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_cifar10_unpickler_refuses_arbitrary_objects(tmp_path):
+    path = _write_cifar(tmp_path / "c", as_dir=True)
+    (path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({b"data": _RunsCode(), b"labels": []}))
+    with pytest.raises(DataError, match=r"test_batch' is not a CIFAR-10 batch \(refuses to construct posix.system"):
+        load_source(DataParams(source="cifar10", path=str(path)))
+
+
 def _bad_inputs(tmp_path):
     """(params, expected fragment of the one-line error) for every bad input the shard issue lists."""
     cases = {}

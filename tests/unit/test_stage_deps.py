@@ -1,9 +1,10 @@
 """Every stage's declared `deps` in dvc.yaml cover the repo code it runs, so `dvc repro` never skips a changed stage.
 
-The code a stage runs is found statically: `python -m flows <stage>` executes the package `flows/__init__.py`, the
-module-level code of `flows/__main__.py` and its `run_stage_command`, then the stage module; from there every
+The code a stage runs is found statically: `python -m flows <stage>` executes the package `flows/__init__.py`,
+`flows/__main__.py` (all but the imports inside `main`, which serve the other commands), then the stage module;
+from there every
 `import` (module level or inside functions, absolute or relative, with each package's `__init__.py`) and every
-string literal naming a repo module (`launch_ranks(["-m", "flows.train_worker"])`) is followed, transitively.
+string literal naming a repo module (`launch_ranks(["-m", "components.training.worker"])`) is followed, transitively.
 Other commands of `flows/__main__.py` (pipeline, serve, lineage, ...) do not run for a stage and are not followed.
 Over-approximating (a function-level import that a given params set never reaches) only costs a rerun; missing a
 file means a stale model, so the walk errs on the side of following.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import ast
 import copy
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
 import yaml
 
@@ -21,7 +22,7 @@ from flows import STAGES
 from tests.conftest import REPO
 
 ENTRY = ("flows/__init__.py", "flows/__main__.py")
-ENTRY_FUNCTIONS = {"flows/__main__.py": {"run_stage_command"}}  # the stage path through the CLI
+NOT_ON_STAGE_PATH = {"flows/__main__.py": {"main"}}  # the dispatcher's other commands (pipeline, serve, ...)
 DISPATCH_TABLE = "flows/__init__.py"  # its string literals name every stage module: the one for this stage is added
 
 
@@ -45,24 +46,18 @@ def module_name(path: Path, root: Path) -> str:
     return ".".join(parts)
 
 
-def _nodes_to_scan(tree: ast.Module, functions: Optional[set[str]]) -> Iterable[ast.AST]:
-    if functions is None:
-        yield from ast.walk(tree)
-        return
-    for node in tree.body:  # module level, plus only the named functions' bodies
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            if node.name in functions:
-                yield from ast.walk(node)
-        else:
+def _nodes_to_scan(tree: ast.Module, skipped_functions: set[str]) -> Iterable[ast.AST]:
+    for node in tree.body:
+        if not (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name in skipped_functions):
             yield from ast.walk(node)
 
 
-def imported_names(path: Path, root: Path, functions: Optional[set[str]] = None,
+def imported_names(path: Path, root: Path, skipped_functions: set[str] = frozenset(),
                    follow_strings: bool = True) -> set[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
     package = module_name(path, root) if path.name == "__init__.py" else module_name(path, root).rpartition(".")[0]
     names: set[str] = set()
-    for node in _nodes_to_scan(tree, functions):
+    for node in _nodes_to_scan(tree, skipped_functions):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -82,16 +77,16 @@ def imported_names(path: Path, root: Path, functions: Optional[set[str]] = None,
 def stage_code(stage_module: str, root: Path = REPO) -> set[str]:
     """Repo-relative paths of every repo file that `python -m flows <stage>` may execute."""
     seen: set[Path] = set()
-    pending = [(root / rel, ENTRY_FUNCTIONS.get(rel)) for rel in ENTRY]
-    pending += [(f, None) for f in module_files(stage_module, root)]
+    pending = [root / rel for rel in ENTRY] + module_files(stage_module, root)
     while pending:
-        path, functions = pending.pop()
+        path = pending.pop()
         if path in seen:
             continue
         seen.add(path)
         rel = path.relative_to(root).as_posix()
-        for name in imported_names(path, root, functions, follow_strings=rel != DISPATCH_TABLE):
-            pending += [(f, None) for f in module_files(name, root) if f not in seen]
+        names = imported_names(path, root, NOT_ON_STAGE_PATH.get(rel, set()), follow_strings=rel != DISPATCH_TABLE)
+        for name in names:
+            pending += [f for f in module_files(name, root) if f not in seen]
     return {p.relative_to(root).as_posix() for p in seen}
 
 

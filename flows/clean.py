@@ -1,0 +1,73 @@
+"""`python -m flows clean-checkpoints [--dry-run]`: remove checkpoint directories no current output needs.
+
+Retention rule, per stage (checkpoints/<stage>/<fingerprint>/): keep the directory the stage's current output
+was trained in (`checkpoint_dir` in its manifest.json: a longer run resumes from it) and the most recently
+written one (a crashed or interrupted run resumes from it); remove the others (older params, data or code).
+A stage that is running (its lock is held) is left alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+
+from components.io import HolderLock, LockHeld, describe_holder, read_json
+from components.tracking.lineage import MANIFEST, dvc_stages, entry_paths, run_record_path
+from flows.stage import LOCK_DIR
+
+
+def current_checkpoint_dirs(root: Path) -> set[str]:
+    """checkpoints/... directories the current outputs were trained in: named by the manifests of the outputs
+    declared in dvc.yaml or by the stages' run records (data/<stage>/run.json)."""
+    keep = set()
+    for name, stage in dvc_stages(root).items():
+        for path in [root / rel / MANIFEST for rel in entry_paths(stage.get("outs"))] + [run_record_path(root, name)]:
+            with contextlib.suppress(OSError, ValueError):
+                named = read_json(path).get("checkpoint_dir")
+                if isinstance(named, str):
+                    keep.add(Path(named).as_posix())
+    return keep
+
+
+def dir_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def clean_checkpoints(root: Path, dry_run: bool = False) -> list[tuple[Path, int]]:
+    """Apply the retention rule; returns the (directory, bytes) removed (or that would be, with dry_run)."""
+    base = root / "checkpoints"
+    if not base.is_dir():
+        return []
+    needed = current_checkpoint_dirs(root)
+    removed = []
+    for stage_dir in sorted(p for p in base.iterdir() if p.is_dir() and p.name != Path(LOCK_DIR).name):
+        runs = [p for p in stage_dir.iterdir() if p.is_dir()]
+        if not runs:
+            continue
+        newest = max(runs, key=lambda p: max((q.stat().st_mtime for q in p.rglob("*")), default=p.stat().st_mtime))
+        stale = [p for p in runs if p != newest and p.relative_to(root).as_posix() not in needed]
+        if not stale:
+            continue
+        try:
+            with HolderLock(root / LOCK_DIR / f"{stage_dir.name}.lock", purpose="clean-checkpoints") as lock:
+                try:
+                    for path in sorted(stale):
+                        size = dir_size(path)
+                        if not dry_run:
+                            shutil.rmtree(path)
+                        removed.append((path, size))
+                finally:
+                    lock.restore_previous()  # the last stage run's record is what crash settling reads
+        except LockHeld as e:
+            print(f"skipping checkpoints/{stage_dir.name}: the stage is running ({describe_holder(e.holder)})")
+    return removed
+
+
+def clean_command(root: Path, dry_run: bool) -> int:
+    removed = clean_checkpoints(root, dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for path, size in removed:
+        print(f"{verb} {path.relative_to(root)} ({size / 1e6:.1f} MB)")
+    total = sum(size for _, size in removed)
+    print(f"{verb} {len(removed)} checkpoint director{'y' if len(removed) == 1 else 'ies'}, {total / 1e6:.1f} MB")
+    return 0

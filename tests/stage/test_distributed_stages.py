@@ -1,0 +1,107 @@
+"""Training stages on several processes and "nodes" through the one launcher (torchrun, gloo on CPU): two nodes of
+one rank each meet at a rendezvous on 127.0.0.1 and train the teacher to completion; nothing listens outside
+127.0.0.1; kill -9 of one rank stops the whole job within a bounded time and the rerun resumes."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from components.io import free_port
+from tests.conftest import project_env, run_flows, set_params
+
+TINY = {"steps": 4000, "batch_size": 128, "checkpoint_every": 20, "log_every": 10, "plot_samples": 100,
+        "warmup_steps": 5, "lr": 0.003}
+
+
+@pytest.fixture
+def sharded(project):
+    set_params(project, {"model": {"mlp": {"width": 32, "depth": 2}}, "teacher": TINY})
+    assert run_flows(project, "shard").returncode == 0
+    return project
+
+
+def _tree(*procs: subprocess.Popen) -> list[psutil.Process]:
+    out = []
+    for proc in procs:
+        try:
+            root = psutil.Process(proc.pid)
+            out += [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _listening_addresses(processes: list[psutil.Process]) -> set[str]:
+    addresses = set()
+    for p in processes:
+        try:
+            addresses |= {c.laddr.ip for c in p.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+        except psutil.NoSuchProcess:
+            pass
+    return addresses
+
+
+def _wait(procs, timeout: float, listeners: set[str]) -> None:
+    deadline = time.time() + timeout
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+        listeners |= _listening_addresses(_tree(*procs))
+        time.sleep(0.5)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for p in procs:
+        p.wait()
+
+
+def _metrics(project):
+    return json.loads((project / "data/teacher/metrics.json").read_text())
+
+
+def test_two_nodes_meet_at_a_loopback_rendezvous_and_train_the_teacher(sharded):
+    set_params(sharded, {"teacher": {**TINY, "steps": 30}, "distributed": {"nodes": 2, "processes_per_node": 1}})
+    port = str(free_port())
+    node0 = subprocess.Popen([sys.executable, "-m", "flows", "teacher"], cwd=sharded, stderr=subprocess.PIPE, text=True,
+                             env=project_env(NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+    node1 = subprocess.Popen([sys.executable, "-m", "flows.join"], cwd=sharded, stderr=subprocess.PIPE, text=True,
+                             env=project_env(NODE_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+    listeners: set[str] = set()
+    _wait([node0, node1], 400, listeners)
+    assert node0.returncode == 0, node0.stderr.read()[-3000:]
+    assert node1.returncode == 0, node1.stderr.read()[-3000:]
+    m = _metrics(sharded)
+    assert m["processes"] == 2 and m["steps"] == 30
+    manifest = json.loads((sharded / "models/teacher/manifest.json").read_text())
+    assert manifest["lineage"]["mlflow_run_id"] and (sharded / "models/teacher/model.pt").is_file()
+    assert listeners and listeners <= {"127.0.0.1", "::1"}, listeners
+
+
+def test_killing_one_rank_stops_the_job_and_the_rerun_resumes(sharded):
+    set_params(sharded, {"distributed": {"processes_per_node": 2}})
+    stage = subprocess.Popen([sys.executable, "-m", "flows", "teacher"], cwd=sharded, env=project_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ckpt_root = sharded / "checkpoints/teacher"
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(ckpt_root.glob("*/step00000020/trainer_state.json")):
+        time.sleep(0.5)
+    assert list(ckpt_root.glob("*/step00000020")), "no checkpoint appeared"
+    ranks = [p for p in _tree(stage) if "components.training.worker" in (cmd := " ".join(p.cmdline()))
+             and "components.training.launcher" not in cmd]  # the ranks, not torchrun's agent
+    assert len(ranks) == 2
+    listeners = _listening_addresses(_tree(stage))
+    killed_at = time.time()
+    ranks[1].send_signal(signal.SIGKILL)
+    _wait([stage], 120, listeners)
+    stopped_after = time.time() - killed_at
+    assert stage.returncode not in (0, None) and stopped_after < 60, (stage.returncode, stopped_after)
+    assert not [p for p in _tree(stage) if p.is_running()]  # no rank left behind
+    assert listeners <= {"127.0.0.1", "::1"}, listeners
+
+    set_params(sharded, {"teacher": {**TINY, "steps": 60}})
+    r = run_flows(sharded, "teacher")
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = _metrics(sharded)
+    assert m["resumed_from_step"] >= 20 and m["steps"] == 60 and m["processes"] == 2
