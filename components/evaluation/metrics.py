@@ -305,11 +305,6 @@ def disjoint_subsets(data: ArrayLike, n: int, seed: int = PROTOCOL_SEED) -> tupl
     return tensor[order[:n]], tensor[order[n : 2 * n]]
 
 
-def metric_floor(metric: Callable[..., float], real_a: ArrayLike, real_b: ArrayLike, **kwargs) -> float:
-    """The metric between two disjoint real sets: the best value a perfect model can expect."""
-    return float(metric(real_a, real_b, **kwargs))
-
-
 def ratio_to_floor(value: float, floor: float) -> float:
     """value / floor; the floor must be positive (1.0 means as good as real data)."""
     if not (math.isfinite(floor) and floor > 0):
