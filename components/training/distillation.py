@@ -12,14 +12,13 @@ boundary (components/diffusion/consistency.py); in distill mode it starts from t
 from __future__ import annotations
 
 import copy
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 from components.config import ConsistencyParams, ProgressiveParams, TrainConfig
 from components.diffusion.guidance import GuidedDenoiser
 from components.errors import DataError
-from components.models.store import WEIGHTS_FILE, LoadedModel, build_denoiser, load_denoiser, save_spec
+from components.models.store import WEIGHTS_FILE, LoadedModel, build_denoiser, load_denoiser, load_weights, save_denoiser
 from components.objectives.consistency import ConsistencyObjective, ConsistencyPair
 from components.objectives.progressive import ProgressiveObjective
 from components.training.denoiser_training import shard_batches
@@ -82,14 +81,15 @@ def progressive_distillation(teacher: LoadedModel, shards: Path, p: ProgressiveP
                                child.run_id, tracking_uri, distributed)
             outcome = run_job(job, log_fn=child.log_metrics)
             child.log_metrics({"final_loss": outcome.final_loss}, outcome.steps)
-        save_spec(out_dir / sub, spec)
+        # Saved again as a plain state dict (the Trainer's export holds views of the EMA's flat buffer): the same
+        # bytes as every model.pt written by save_denoiser.
+        save_denoiser(out_dir / sub, load_weights(out_dir / sub / WEIGHTS_FILE), spec)
         students[str(n)] = sub
         rounds[f"round_{n}"] = {"steps": outcome.steps, "final_loss": outcome.final_loss,
                                 "resumed_from_step": outcome.resumed_from, "mlflow_run_id": child.run_id}
         init, n = out_dir / sub, n // 2
     final = load_denoiser(out_dir / "steps_1")
-    save_spec(out_dir, {**final.spec, "students": students})
-    shutil.copyfile(out_dir / "steps_1" / WEIGHTS_FILE, out_dir / WEIGHTS_FILE)
+    save_denoiser(out_dir, final.denoiser.state_dict(), {**final.spec, "students": students})
     return students, rounds
 
 

@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 from components.config import ReflowParams, TrainConfig
 from components.data.memory import shuffled_batches
 from components.data.shards import read_array_shards, write_array_shards
+from components.diffusion.grids import make_grid
+from components.diffusion.samplers import sample
 from components.errors import DataError
 from components.evaluation.metrics import straightness
 from components.io import file_md5
@@ -180,9 +182,9 @@ def check_couplings_teacher(coupling_manifest: dict, current: dict, couplings_re
 @torch.no_grad()
 def path_straightness(model: LoadedModel, noise: torch.Tensor, cond: Optional[torch.Tensor]) -> float:
     """Straightness of the model's Euler paths on a fine uniform grid (flow schedule: already the flow frame)."""
-    result = model.sample(noise, steps=STRAIGHTNESS_STEPS, method="euler", grid="uniform", cond=cond,
-                          guidance=1.0, return_trajectory=True)
-    return straightness(result.trajectory, result.times)
+    grid = make_grid("uniform", model.schedule, STRAIGHTNESS_STEPS)
+    result = sample(model.denoiser, model.schedule, grid, noise, method="euler", cond=cond, return_trajectory=True)
+    return straightness(result.trajectory, grid)
 
 
 def round_report(model: LoadedModel, noise: torch.Tensor, cond: Optional[torch.Tensor], coupling, outcome) -> dict:

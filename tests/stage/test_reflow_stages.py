@@ -9,8 +9,10 @@ import torch
 
 from components.data.shards import read_split
 from components.evaluation.metrics import sliced_wasserstein2
+from components.io import file_records
 from components.models.store import WEIGHTS_FILE, load_denoiser
 from components.training.reflow_training import chunk_noise, read_couplings
+from flows.stage import FILES_KEY
 from tests.conftest import run_flows, set_params, run_record
 
 COUPLINGS = {"count": 2000, "batch_size": 500, "nfe": 32, "samples_per_shard": 800}
@@ -66,6 +68,9 @@ def test_couplings_then_reflow_straighten_paths_and_beat_the_teacher_at_one_step
     # A different teacher than the one recorded in the couplings' manifest: refused with one line.
     state = torch.load(taught / "models/teacher" / WEIGHTS_FILE, weights_only=True)
     torch.save({k: v + 0.01 for k, v in state.items()}, taught / "models/teacher" / WEIGHTS_FILE)
+    manifest = _json(taught / "models/teacher/manifest.json")  # a complete other teacher, files recorded as such
+    manifest[FILES_KEY] = file_records(taught / "models/teacher")
+    (taught / "models/teacher/manifest.json").write_text(json.dumps(manifest))
     r = run_flows(taught, "reflow")
     assert r.returncode != 0 and "generated from a different teacher" in r.stderr + r.stdout
     assert "rerun `dvc repro couplings`" in r.stderr + r.stdout
