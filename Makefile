@@ -27,8 +27,8 @@ ui: setup  ## Prefect UI + MLflow UI (127.0.0.1) and the pipeline deployments; p
 stop:  ## stop the project-local Prefect server started by stage runs
 	python -m flows server stop
 
-bench: setup  ## run the benchmarks (results in benchmarks/results/)
+bench: setup  ## run every benchmark (benchmarks/run_all.py; results in benchmarks/results/*.json); hours on a CPU
 	python benchmarks/run_all.py
 
-clean:  ## remove pipeline outputs (not the environment)
-	rm -rf data/shards data/shard models checkpoints
+clean:  ## remove every pipeline output (dvc.yaml outs and metrics, run records, checkpoints), listing each
+	python -m flows.clean

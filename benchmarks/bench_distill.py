@@ -9,6 +9,8 @@ best SW2, best 2-step student <= 1.2x. Writes benchmarks/results/distill.json.
 """
 from __future__ import annotations
 
+import sys
+
 import argparse
 import contextlib
 import tempfile
@@ -17,6 +19,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from components.config import ConsistencyParams, DataParams, ModelParams, ProgressiveParams, TeacherParams
 from components.data.shards import read_shard_manifest, read_split, write_shards

@@ -8,11 +8,15 @@ DVC/Prefect/MLflow. The teacher (default params: flow objective, MLP 256x4, 3000
 """
 from __future__ import annotations
 
+import sys
+
 import argparse
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from components.config import DataParams, DPOParams, ModelParams, PreferencesParams, TeacherParams
 from components.data.shards import read_split, write_shards

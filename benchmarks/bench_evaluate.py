@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
 from tests.project_copy import REPO, copy_project
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -38,7 +40,8 @@ def run_stage(project: Path, stage: str) -> float:
 
 
 def quality(metrics: dict) -> dict:
-    return {m: {n: {k: v for k, v in e.items() if k != "sec_per_sample"} for n, e in entry["nfe"].items()}
+    return {m: {which: {n: {k: v for k, v in e.items() if k != "sec_per_sample"} for n, e in entry[which].items()}
+                for which in ("nfe", "best")}
             for m, entry in metrics["models"].items()}
 
 
@@ -72,8 +75,9 @@ def main() -> None:
             for _ in range(args.repeats):
                 wall = run_stage(project, "evaluate")
                 metrics = json.loads((project / "data" / "evaluate" / "metrics.json").read_text())
+                headline = json.loads((project / "data" / "evaluate" / "headline.json").read_text())
                 runs.append({"wall_seconds": round(wall, 2), "stage_seconds": metrics["stage_seconds"],
-                             "metrics": metrics})
+                             "metrics": metrics, "headline": headline})
                 print(f"evaluate: {wall:.1f} s wall, {metrics['stage_seconds']:.1f} s stage body")
         finally:
             subprocess.run([sys.executable, "-m", "flows", "server", "stop"], cwd=project, capture_output=True)
@@ -85,12 +89,15 @@ def main() -> None:
         "n_samples": first["n_samples"],
         "floor": first["floor"],
         "straightness": first["straightness"],
-        "teacher_by_nfe": {n: {k: round(v, 6) for k, v in e.items()}
-                           for n, e in first["models"]["teacher"]["nfe"].items()},
+        "teacher_by_nfe": {n: {k: e[k] for k in ("sampler", "sw2_ratio", "sw2_ratio_ci", "off_support",
+                                                   "off_support_ci", "sec_per_sample")}
+                           for n, e in first["models"]["teacher"]["best"].items()},
+        "headline": runs[0]["headline"],
     })
     for nfe, entry in result["teacher_by_nfe"].items():
-        print(f"NFE {nfe:>3}: sw2 {entry['sw2_ratio']:.2f}x floor, mmd {entry['mmd_ratio']:.2f}x floor, "
-              f"{entry['sec_per_sample'] * 1e6:.1f} us/sample")
+        lo, hi = entry["sw2_ratio_ci"]
+        print(f"NFE {nfe:>3}: best {entry['sampler']}: sw2 {entry['sw2_ratio']:.2f}x floor [{lo:.2f}, {hi:.2f}], "
+              f"off support {entry['off_support']:.3f}, {entry['sec_per_sample'] * 1e6:.1f} us/sample")
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "evaluate.json").write_text(json.dumps(result, indent=1))
     print(f"identical quality across repeats: {result['identical_quality_across_repeats']}; "

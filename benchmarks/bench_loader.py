@@ -7,6 +7,8 @@ shards / memory; writes benchmarks/results/loader.json.
 """
 from __future__ import annotations
 
+import sys
+
 import argparse
 import json
 import tempfile
@@ -14,6 +16,8 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from components.config import DataParams
 from components.data.loader import infinite_batches, make_loader

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
 from tests.project_copy import REPO, copy_project
 RESULTS = REPO / "benchmarks" / "results"
 TINY = {"data": {"n_samples": 600}, "shard": {"samples_per_shard": 100}}

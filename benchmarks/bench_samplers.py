@@ -126,6 +126,11 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[256, 2000])
     ap.add_argument("--nfe", type=int, nargs="+", default=[8, 32])
     args = ap.parse_args()
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        raise SystemExit("error: diffusers is not installed (it is only a benchmark dependency): "
+                         ".venv/bin/pip install -c constraints.txt diffusers")
     torch.set_num_threads(1)  # as in the pipeline's stages
     rows = []
     with torch.no_grad():

@@ -9,12 +9,16 @@ squares (1.0 for data, ~0.5 for a Gaussian blob). Writes benchmarks/results/teac
 """
 from __future__ import annotations
 
+import sys
+
 import argparse
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from components.config import DataParams, ModelParams, TeacherParams
 from components.data.shards import read_split, write_shards

@@ -293,10 +293,17 @@ class EvaluateParams(Section):
     # with a warning, unless models/<name> is a dep of the evaluate stage in dvc.yaml (then it is an error).
     models: list[str] = Field(default_factory=lambda: ["teacher", "reflow", "progressive", "consistency", "dpo"], min_length=1)
     nfe: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64], min_length=1)
-    # Generated samples per NFE point (and real samples per floor set). None: min(2000, val count // 2).
+    # Generated samples per NFE point (= real samples per floor set). None: 10000 for toy 2-D data (fresh held-out
+    # draws), val count // 2 otherwise (images: vs the train split as reference).
     n_samples: Optional[int] = Field(None, ge=10)
+    n_sweep: int = Field(512, ge=10)  # samples per sampler x grid candidate when picking the best sampler per NFE
+    samplers: list[Literal["euler", "heun", "ddim", "dpmpp_2m"]] = Field(
+        default_factory=lambda: ["euler", "heun", "dpmpp_2m", "ddim"], min_length=1)
+    grids: list[Literal["uniform", "edm", "logsnr"]] = Field(
+        default_factory=lambda: ["uniform", "edm", "logsnr"], min_length=1)
     seed: int = 0  # noise and class labels of the generated samples (the same at every NFE)
     straightness_steps: int = Field(32, ge=2)  # Euler steps, uniform in flow time, same for every model
+    straightness_samples: int = Field(2000, ge=10)  # paths per model for the straightness
     image_grid_size: int = Field(64, ge=1)  # images per sample grid
     inception_weights: Optional[str] = None  # a local Inception weights file: also compute Inception-FID
     allow_missing_inception: bool = False  # true: a missing weights file is a warning, not an error

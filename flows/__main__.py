@@ -1,7 +1,7 @@
 """Command line: `python -m flows <stage>` runs one stage as a Prefect flow (this is what dvc.yaml calls).
 
-Other commands: `pipeline`, `serve`, `lineage`, `list`, `check-params`, `clean-checkpoints`,
-`server start|stop|status`.
+Other commands: `pipeline`, `serve`, `deploy`, `worker`, `remote`, `queue`, `lineage`, `list`, `check-params`,
+`clean-checkpoints`, `server start|stop|status`.
 Run `python -m flows --help`.
 """
 from __future__ import annotations
@@ -26,29 +26,15 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def run_stage_command(stage: str) -> int:
-    """Run one stage; when it fails, put back the metrics files `dvc repro` deleted before running it."""
-    from flows.runtime import repo_root
-
-    code = 1
-    try:
-        code = _run_stage(stage, repo_root())
-        return code
-    finally:
-        if code != 0:
-            from flows.stage import restore_metrics
-
-            for rel in restore_metrics(repo_root(), stage):
-                print(f"restored {rel} (the stage failed; it is the copy dvc.lock records)", file=sys.stderr)
-
-
-def _run_stage(stage: str, root) -> int:
     from components.config import load_params
-    from flows.runtime import configure_prefect
-
+    from components.tracking.lineage import resolve_tracking_uri
+    from flows.runtime import InvocationRun, configure_prefect, output_to_prefect, repo_root, use_home_tracking_store
     from flows.stage import check_declared_inputs
 
-    load_params(root / "params.yaml")  # fail fast, before any server or output is touched
+    root = repo_root()
+    params = load_params(root / "params.yaml")  # fail fast, before any server or output is touched
     check_declared_inputs(root, stage)
+    use_home_tracking_store(root, params.tracking.uri)
     configure_prefect(root)
     exit_with_parent()
     module = importlib.import_module({**STAGES, **TOOLS}[stage])
@@ -56,14 +42,20 @@ def _run_stage(stage: str, root) -> int:
     from flows.stage import COMPLETED
 
     flows.stage.EXIT_IF_PREFECT_LOST = True
-    try:
-        state = module.flow_fn(return_state=True)
-    except Exception as e:  # Prefect could not record the flow run's end (server gone)
-        if stage not in COMPLETED:
-            raise
-        print(f"warning: stage '{stage}' completed, but Prefect could not record it ({type(e).__name__}: "
-              f"{str(e)[:200]}); its flow run is marked Completed when the stage next runs", file=sys.stderr)
-        return 0
+    with InvocationRun(root, params.tracking.experiment, resolve_tracking_uri(root, params.tracking.uri)) as parent:
+        stage_flow = module.flow_fn.with_options(flow_run_name=f"{stage}-{parent.run_name}") if parent.run_name \
+            else module.flow_fn
+        try:
+            with output_to_prefect():
+                state = stage_flow(return_state=True)
+        except Exception as e:  # Prefect could not record the flow run's end (server gone)
+            parent.close(stage, failed=stage not in COMPLETED)
+            if stage not in COMPLETED:
+                raise
+            print(f"warning: stage '{stage}' completed, but Prefect could not record it ({type(e).__name__}: "
+                  f"{str(e)[:200]}); its flow run is marked Completed when the stage next runs", file=sys.stderr)
+            return 0
+        parent.close(stage, failed=not (state.is_completed() or stage in COMPLETED))
     if state.is_completed():
         return 0
     if stage in COMPLETED:  # the work and MLflow run are complete; only orchestration failed afterwards
@@ -131,9 +123,27 @@ def main(argv: list[str] | None = None) -> int:
                          "output needs (keeps each output's own and the newest per stage)")
     cln.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     sub.add_parser("serve", help="serve the pipeline and each stage as Prefect deployments (runs until Ctrl-C)")
+    dep = sub.add_parser("deploy", help="deploy the pipeline and each stage on a Prefect work pool (runs on its workers)")
+    dep.add_argument("--pool", default="pipeline", help="work pool name (created as a process pool; default: pipeline)")
+    dep.add_argument("--concurrency-limit", type=int, default=None,
+                     help="runs the pool executes at once (default 1 for a new pool: one GPU, one training stage)")
+    rem = sub.add_parser("remote", help="check the DVC remote (dvc push / dvc pull) exists and answers; one line")
+    rem.add_argument("name", nargs="?", default=None, help="remote name (default: the default remote)")
+    que = sub.add_parser("queue", help="dvc exp run --queue ARGS, after checking no untracked file would be left out")
+    que.add_argument("dvc_args", nargs=argparse.REMAINDER, help="arguments for dvc exp run, e.g. -S teacher.lr=0.001")
+    wrk = sub.add_parser("worker", help="start a Prefect worker for a work pool here (prefect worker start --pool)")
+    wrk.add_argument("--pool", default="pipeline", help="work pool name (default: pipeline)")
     lin = sub.add_parser("lineage", help="print the chain of MLflow runs from a run (or a stage's output) to the data")
     lin.add_argument("ref", help="an MLflow run id or a stage name (the run that produced its current output)")
     lin.add_argument("--json", action="store_true", help="print the chain as JSON")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["queue"]:  # everything after it goes to dvc exp run as is (argparse would parse -S itself)
+        from flows.sweep import queue_command
+
+        try:
+            return queue_command(argv[1:])
+        except UserError as e:
+            return _fail(str(e))
     args = parser.parse_args(argv)
 
     try:
@@ -162,14 +172,26 @@ def main(argv: list[str] | None = None) -> int:
             from flows.serve import serve_command
 
             return serve_command()
+        if args.command == "deploy":
+            from flows.serve import deploy_command
+
+            return deploy_command(args.pool, args.concurrency_limit)
+        if args.command == "remote":
+            from flows.remote import remote_command
+
+            return remote_command(args.name)
+        if args.command == "worker":
+            from flows.serve import worker_command
+
+            return worker_command(args.pool)
         if args.command == "lineage":
             from flows.lineage import lineage_command
 
             return lineage_command(args.ref, as_json=args.json)
         if args.command == "server":
-            from flows.runtime import ensure_local_server, local_server_url, repo_root, stop_local_server
+            from flows.runtime import ensure_local_server, home_root, local_server_url, repo_root, stop_local_server
 
-            root = repo_root()
+            root = home_root(repo_root())
             if args.action == "start":
                 print(ensure_local_server(root).removesuffix("/api"))
             elif args.action == "stop":

@@ -1,4 +1,5 @@
-"""`python -m flows clean-checkpoints [--dry-run]`: remove checkpoint directories no current output needs.
+"""`python -m flows clean-checkpoints [--dry-run]`: remove checkpoint directories no current output needs;
+`python -m flows.clean` (`make clean`): remove every pipeline output, saying what it removed.
 
 Retention rule, per stage (checkpoints/<stage>/<fingerprint>/): keep the directory the stage's current output
 was trained in (`checkpoint_dir` in its manifest.json: a longer run resumes from it) and the most recently
@@ -71,3 +72,36 @@ def clean_command(root: Path, dry_run: bool) -> int:
     total = sum(size for _, size in removed)
     print(f"{verb} {len(removed)} checkpoint director{'y' if len(removed) == 1 else 'ies'}, {total / 1e6:.1f} MB")
     return 0
+
+
+def pipeline_outputs(root: Path) -> list[Path]:
+    """Everything the pipeline writes: every output, metrics and plots file of dvc.yaml, each stage's run record,
+    its checkpoints (checkpoints/), and `dvc plots show`'s dvc_plots/. Not the MLflow store or Prefect state."""
+    paths = [root / rel for stage in dvc_stages(root).values() for key in ("outs", "metrics", "plots")
+             for rel in entry_paths(stage.get(key))]
+    paths += [run_record_path(root, name) for name in dvc_stages(root)]
+    paths += [root / "checkpoints", root / "dvc_plots"]
+    return [p for p in paths if p.exists() or p.is_symlink()]
+
+
+def clean_outputs(root: Path) -> int:
+    """`make clean`: remove every pipeline output and print each one removed (with its size)."""
+    removed = 0
+    for path in pipeline_outputs(root):
+        size = dir_size(path) if path.is_dir() else path.stat().st_size
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed += size
+        print(f"removed {path.relative_to(root)} ({size / 1e6:.1f} MB)")
+    print(f"removed {removed / 1e6:.1f} MB of pipeline outputs")
+    print("kept: the MLflow store (mlflow.db, mlartifacts/), Prefect state (.prefect/), DVC's cache (.dvc/cache: "
+          "`dvc checkout` restores the outputs dvc.lock records) and git-tracked metrics (`git checkout data/`)")
+    return 0
+
+
+if __name__ == "__main__":  # make clean
+    from flows.runtime import repo_root
+
+    raise SystemExit(clean_outputs(repo_root()))

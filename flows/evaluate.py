@@ -1,23 +1,16 @@
-"""`evaluate` stage: every available model on the NFE grid of the fixed protocol (DESIGN.md, "Evaluation protocol").
+"""`evaluate` stage: every available model on the NFE grid with the protocol v2 (DESIGN.md, "Evaluation protocol",
+"Uncertainty"; the protocol itself is components/evaluation/protocol.py).
 
-Inputs: data/shards (the held-out `val` split is the reference), models/featurizer (image data) and
-models/<name>/ for each name in `evaluate.models`. A listed model whose directory does not exist is skipped with
-a warning, unless `models/<name>` is declared as a dep of `evaluate` in dvc.yaml: then it is expected and its
-absence is an error (DVC would not run the stage without it either). So adding a student to the pipeline is two
+Inputs: data/shards, models/featurizer (image data) and models/<name>/ for each name in `evaluate.models`. A listed
+model whose directory does not exist is skipped with a warning, unless `models/<name>` is declared as a dep of
+`evaluate` in dvc.yaml: then it is expected and its absence is an error. So adding a student to the pipeline is two
 lines: its name in `evaluate.models` and its dir in the evaluate deps.
 
-Per model: n samples from fixed noise (seed `evaluate.seed`, the same noise at every NFE and on every rerun),
-scored against n held-out samples; the floor is the same metric between two disjoint held-out sets of n.
-  2-D:    sw2, mmd (+ ratios to the floor);   images: fd, precision, recall in the reference classifier's
-  feature space, class_accuracy of conditional samples (the model's default guidance), fid with Inception.
-Straightness: every model integrates its PF-ODE with Euler on the SAME grid, `straightness_steps` steps uniform in
-flow time s = sigma / (alpha + sigma), and the states are mapped to the flow frame y = x / (alpha + sigma)
-(where any (alpha, sigma) path reads y_s = (1 - s) x0 + s eps), so models with different schedules are comparable.
-
-Outputs: data/evaluate/metrics.json (returned dict; DVC metrics; validated against the DESIGN.md schema) and the
-report dir data/evaluate/report/ (report.html, quality-vs-NFE PNGs, per-model scatter plots or image grids,
-trajectory plots for 2-D data, plots/<model>.json tables for `dvc plots`). The same numbers go to MLflow (the
-report dir as artifacts) and to a Prefect table artifact.
+Recipe: build the reference (held-out sets, floors) once; per model, score its default sampler and its best sampler x
+grid at every NFE with intervals, and its straightness; mark ties against the teacher's best; write
+data/evaluate/metrics.json (full table, returned), data/evaluate/headline.json (DVC metrics: best ratios at NFE 1, 2,
+4 and the best NFE), the report dir (HTML, plots, results.csv), MLflow (per-NFE series with step = NFE, headline
+metrics, the results table) and a Prefect table artifact.
 """
 from __future__ import annotations
 
@@ -32,18 +25,16 @@ from prefect import flow, get_run_logger
 
 from components.config import EvaluateParams, Params, load_params
 from components.data.shards import read_shard_manifest, read_split
-from components.diffusion.guidance import GuidedDenoiser
-from components.diffusion.samplers import sample
 from components.errors import DataError, UserError
-from components.evaluation import (MissingDependencyError, disjoint_subsets, floor_2d, floor_images, image_grid,
-                                   inception_fid, load_classifier, make_2d_score_fn, make_image_score_fn, nfe_sweep,
-                                   quality_table_rows, quality_vs_nfe, scatter_grid, straightness, trajectory_plot,
-                                   validate_metrics_schema, write_html_report, write_quality_tables_per_model)
-from components.io import read_json
-from components.evaluation import extract_features, frechet_distance
-from components.preferences.alignment import alignment_block
+from components.evaluation import (MissingDependencyError, extract_features, frechet_distance, image_grid,
+                                   inception_fid, load_classifier, protocol, quality_vs_nfe, scatter_grid,
+                                   trajectory_plot, validate_metrics_schema, write_html_report,
+                                   write_quality_tables_per_model)
+from components.io import read_json, write_json
 from components.models.store import SPEC_FILE, WEIGHTS_FILE, LoadedModel, load_denoiser
+from components.preferences.alignment import alignment_block
 from components.tracking.lineage import MANIFEST
+from components.tracking.registry import tag_evaluated_versions
 from components.training.denoiser_training import set_torch_threads
 from flows.runtime import repo_root
 from flows.stage import StageContext, StageSpec, declared_deps, read_manifest, run_stage_in_flow
@@ -51,9 +42,9 @@ from flows.stage import StageContext, StageSpec, declared_deps, read_manifest, r
 BASE_INPUTS = ("data/shards", "models/featurizer")
 SPEC = StageSpec(name="evaluate", output="data/evaluate/report", inputs=BASE_INPUTS + ("models/teacher",),
                  sections=("evaluate",))
-MAX_SAMPLES = 2000  # n_samples: null -> min(MAX_SAMPLES, val count // 2)
-PLOT_METRICS = {"points": ("sw2", "mmd"), "image": ("fd", "precision", "recall", "class_accuracy", "fid")}
+PLOT_METRICS = {"points": ("sw2", "w2", "off_support"), "image": ("fd", "kid", "recall", "class_accuracy", "fid")}
 TABLE_ARTIFACT_KEY = "evaluate-quality"
+HEADLINE_FILE = "data/evaluate/headline.json"
 
 
 
@@ -96,8 +87,16 @@ def check_inputs_before_running(repo: Path, spec: StageSpec, p: EvaluateParams) 
         if missing:
             raise DataError(f"{directory} is not a complete model directory: missing {', '.join(missing)}")
     shard_manifest = repo / "data" / "shards" / MANIFEST
-    if shard_manifest.exists():
-        resolve_n_samples(p.n_samples, int(read_json(shard_manifest)["splits"]["val"]["count"]))
+    if shard_manifest.exists() and p.n_samples is not None:
+        manifest = read_json(shard_manifest)
+        val_count = int(manifest["splits"]["val"]["count"])
+        if manifest["kind"] == "image" and p.n_samples > val_count:
+            raise DataError(f"evaluate.n_samples={p.n_samples}: the floor's real image sets come from the val split, "
+                            f"which has {val_count}; lower it")
+        toy = manifest["source"].get("source") == "toy2d"
+        if manifest["kind"] == "points" and not toy and 2 * p.n_samples > val_count:
+            raise DataError(f"evaluate.n_samples={p.n_samples} needs {2 * p.n_samples} held-out samples (reference "
+                            f"+ floor sets), but the val split has {val_count}; lower it or use more data")
 
 
 def model_names(ctx: StageContext) -> list[str]:
@@ -112,58 +111,6 @@ def load_model(directory: Path, data_shape: list[int]) -> LoadedModel:
         raise DataError(f"{directory} was trained on data shape {model.spec.get('data_shape')}, "
                         f"but data/shards holds {list(data_shape)}")
     return model
-
-
-def resolve_n_samples(requested: Optional[int], val_count: int) -> int:
-    """Samples per NFE point: two disjoint held-out sets of n are needed (reference + floor)."""
-    n = min(MAX_SAMPLES, val_count // 2) if requested is None else requested
-    if 2 * n > val_count:
-        raise DataError(f"evaluate.n_samples={n} needs {2 * n} held-out samples (reference + floor sets), "
-                        f"but the val split has {val_count}; lower it or use more data")
-    if n < 10:
-        raise DataError(f"the val split has {val_count} samples; evaluation needs at least 20 (2 sets of 10)")
-    return n
-
-
-# --------------------------------------------------------------------------- sampling
-
-
-def fixed_noise_and_labels(model: LoadedModel, n: int, seed: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The evaluation noise [n, *data_shape] and, for a conditional model, balanced labels i % num_classes."""
-    noise = torch.randn((n, *model.spec["data_shape"]), generator=torch.Generator().manual_seed(seed))
-    cond = torch.arange(n) % model.num_classes if model.num_classes else None
-    return noise, cond
-
-
-def ode_denoiser(model: LoadedModel, cond: Optional[torch.Tensor]):
-    """The denoiser the model samples with by default (guided when conditional with guidance != 1)."""
-    w = float(model.spec["sampler"].get("guidance", 1.0))
-    if cond is not None and w != 1.0:
-        return GuidedDenoiser(model.denoiser, w, null_label=model.num_classes)
-    return model.denoiser
-
-
-def flow_time_grid(model: LoadedModel, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Times t (descending, t_max -> t_end) whose flow times s = sigma / (alpha + sigma) are uniform; returns (t, s)."""
-    schedule = model.schedule
-    ends = torch.tensor([schedule.t_max, schedule.t_end], dtype=torch.float64)
-    s_ends = schedule.sigma(ends) / (schedule.alpha(ends) + schedule.sigma(ends))
-    s = torch.linspace(float(s_ends[0]), float(s_ends[1]), steps + 1, dtype=torch.float64)
-    inner = s[1:-1]
-    times = torch.cat([ends[:1], schedule.t_of_log_snr(torch.log((1 - inner) / inner)).to(torch.float64), ends[1:]])
-    return times, s
-
-
-def flow_frame_trajectory(model: LoadedModel, noise: torch.Tensor, cond: Optional[torch.Tensor],
-                          steps: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Euler PF-ODE states on the flow-time-uniform grid, mapped to the flow frame; returns (states, s)."""
-    times, s = flow_time_grid(model, steps)
-    with torch.no_grad():
-        result = sample(ode_denoiser(model, cond), model.schedule, times, noise, method="euler", cond=cond,
-                        return_trajectory=True)
-    scale = model.schedule.alpha(times) + model.schedule.sigma(times)
-    states = [x / float(c) for x, c in zip(result.trajectory, scale)]
-    return states, s
 
 
 # --------------------------------------------------------------------------- scoring
@@ -190,8 +137,8 @@ def inception_request(p: EvaluateParams, repo: Path, kind: str) -> Optional[Path
 
 def with_inception_fid(score_fn, real: torch.Tensor, weights: Path, allow_missing: bool):
     """Extend an image score function with Inception-FID against the same held-out reference."""
-    def score(samples: torch.Tensor) -> dict[str, float]:
-        scores = score_fn(samples)
+    def score(samples: torch.Tensor, cond: Optional[torch.Tensor]) -> dict[str, Any]:
+        scores = score_fn(samples, cond)
         try:
             scores["fid"] = inception_fid(real, samples, weights)
         except MissingDependencyError as e:
@@ -202,45 +149,61 @@ def with_inception_fid(score_fn, real: torch.Tensor, weights: Path, allow_missin
     return score
 
 
-def evaluate_model(name: str, model: LoadedModel, p: EvaluateParams, n: int, make_score_fn,
-                   reference: torch.Tensor, inception: Optional[Path], report: Path):
-    """One model: NFE sweep on fixed noise, flow-frame straightness, and its sample plots.
+# --------------------------------------------------------------------------- the recipe
 
-    `make_score_fn(cond)` builds the protocol's score function for samples generated for labels `cond`.
-    Returns ({"nfe": {...}}, straightness, {caption: png path}).
-    """
-    noise, cond = fixed_noise_and_labels(model, n, p.seed)
-    samples_by_nfe: dict[int, torch.Tensor] = {}
 
-    def generate(nfe: int, noise: torch.Tensor, cond: Optional[torch.Tensor]):
-        # A fresh generator per point: stochastic samplers draw the same noise on every rerun.
-        result = model.sample(noise, nfe=nfe, cond=cond, generator=torch.Generator().manual_seed(p.seed + 1))
-        samples_by_nfe[nfe] = result.x
-        return result.x, result.nfe
-
-    score_fn = make_score_fn(cond)
+def build_reference(ctx: StageContext, kind: str, dataset: str, log) -> protocol.Reference:
+    p = ctx.params.evaluate
+    shards = ctx.path("data/shards")
+    val_x, _ = read_split(shards, "val")
+    if kind != "image":
+        return protocol.points_reference(dataset, torch.from_numpy(val_x), p.n_samples, p.n_sweep, log)
+    featurizer_dir = ctx.path("models/featurizer")
+    try:
+        classifier = load_classifier(featurizer_dir)
+    except FileNotFoundError:
+        raise DataError(f"{featurizer_dir} holds no reference classifier (rerun `dvc repro featurizer` "
+                        "after switching to image data)") from None
+    train_x, _ = read_split(shards, "train")
+    reference = protocol.image_reference(dataset, classifier, torch.from_numpy(train_x), torch.from_numpy(val_x),
+                                         p.n_samples, log)
+    inception = inception_request(p, ctx.repo, kind)
     if inception is not None:
-        score_fn = with_inception_fid(score_fn, reference, inception, p.allow_missing_inception)
-    entry = {"nfe": nfe_sweep(generate, p.nfe, noise, cond, score_fn)}
+        reference.score = with_inception_fid(reference.score, torch.from_numpy(train_x), inception,
+                                             p.allow_missing_inception)
+    return reference
 
-    states, flow_times = flow_frame_trajectory(model, noise, cond, p.straightness_steps)
+
+def model_plots(name: str, result: protocol.ModelResult, states, reference: protocol.Reference, report: Path,
+                grid_size: int) -> dict[str, Path]:
     images: dict[str, Path] = {}
-    if noise.ndim == 4:  # images [N, C, H, W]
-        for nfe, x in samples_by_nfe.items():
-            images[f"{name} samples, NFE {nfe}"] = image_grid(x[:p.image_grid_size],
-                                                               report / f"samples_{name}_nfe{nfe}.png")
+    if reference.kind == "image":
+        for nfe, x in result.best_samples.items():
+            images[f"{name} samples, NFE {nfe} (best sampler)"] = image_grid(x[:grid_size],
+                                                                             report / f"samples_{name}_nfe{nfe}.png")
     else:
-        images[f"{name} samples"] = scatter_grid({name: samples_by_nfe}, reference, report / f"scatter_{name}.png")
+        images[f"{name} samples (default sampler)"] = scatter_grid({name: result.samples}, reference.points,
+                                                                   report / f"scatter_{name}.png")
+        images[f"{name} samples (best sampler)"] = scatter_grid({name: result.best_samples}, reference.points,
+                                                                report / f"scatter_{name}_best.png")
         images[f"{name} ODE paths (flow frame)"] = trajectory_plot(states, report / f"trajectories_{name}.png",
-                                                                   n_paths=16, real=reference)
-    return entry, straightness(states, flow_times), images
+                                                                   n_paths=16, real=reference.points)
+    return images
 
 
 def evaluate_models(ctx: StageContext, skipped: tuple[str, ...] = ()) -> dict:
+    progress = protocol.Progress(_log().info)
+    try:
+        return evaluate_with_progress(ctx, progress, skipped)
+    finally:
+        progress.close()
+
+
+def evaluate_with_progress(ctx: StageContext, progress: protocol.Progress, skipped: tuple[str, ...]) -> dict:
     p = ctx.params.evaluate
-    shards = ctx.path("data/shards")
-    data_manifest = read_shard_manifest(shards)
+    data_manifest = read_shard_manifest(ctx.path("data/shards"))
     kind = data_manifest["kind"]
+    dataset = data_manifest["source"].get("name") or data_manifest["source"]["source"]
     names = model_names(ctx)
     if not names:
         raise DataError(f"no model to evaluate: none of {', '.join(f'models/{m}' for m in p.models)} exists "
@@ -248,81 +211,130 @@ def evaluate_models(ctx: StageContext, skipped: tuple[str, ...] = ()) -> dict:
     models = {name: load_model(ctx.path(f"models/{name}"), data_manifest["shape"]) for name in names}
     # One thread for MLPs: on 2 busy cores, 2 threads made 2-D sampling 5x slower (thread sync dominates).
     set_torch_threads(models[names[0]].spec)
-    val_x, val_y = read_split(shards, "val")
-    n = resolve_n_samples(p.n_samples, len(val_x))
-    reference, floor_set = disjoint_subsets(torch.from_numpy(val_x), n)
+    progress(f"reference: held-out sets and {protocol.FLOOR_DRAWS} floor draws")
+    try:
+        reference = build_reference(ctx, kind, dataset, progress)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     report = ctx.out_dir
-    images: dict[str, Path] = {}
-
-    classifier = None
-    if kind == "image":
-        featurizer_dir = ctx.path("models/featurizer")
-        try:
-            classifier = load_classifier(featurizer_dir)
-        except FileNotFoundError:
-            raise DataError(f"{featurizer_dir} holds no reference classifier (rerun `dvc repro featurizer` "
-                            "after switching to image data)") from None
-        floor = floor_images(classifier, reference, floor_set)
-        inception = inception_request(p, ctx.repo, kind)
-    else:
-        floor = floor_2d(reference, floor_set)
-        inception = None
-
+    metric = protocol.PRIMARY[kind]
     results: dict[str, Any] = {}
-    straightness_by_model: dict[str, float] = {}
-    if classifier is not None:
-        make_score_fn = functools.partial(make_image_score_fn, classifier, reference, floor)
-    else:
-        make_score_fn = lambda cond: make_2d_score_fn(reference, floor)  # noqa: E731  (no labels in 2-D scores)
+    straightness: dict[str, Any] = {}
+    images: dict[str, Path] = {}
     for name, model in models.items():
-        results[name], straightness_by_model[name], model_images = evaluate_model(
-            name, model, p, n, make_score_fn, reference, inception, report)
-        images.update(model_images)
-
-    for metric in PLOT_METRICS[kind]:
-        if any(metric in entry for r in results.values() for entry in r["nfe"].values()):
-            images[f"{metric} vs NFE"] = quality_vs_nfe(results, metric, report / f"{metric}_vs_nfe.png",
-                                                        floor=floor.get(metric))
-    write_quality_tables_per_model(results, report / "plots")
+        progress(f"{name}: sampling at NFE {p.nfe} ({reference.n} points each; sweep on {p.n_sweep})")
+        result = protocol.evaluate_model(name, model, reference, p.nfe, p.seed, p.n_sweep, p.samplers, p.grids,
+                                         progress)
+        noise, cond = protocol.fixed_noise_and_labels(model, min(reference.n, p.straightness_samples), p.seed)
+        estimate, states = protocol.path_straightness(model, noise, cond, p.straightness_steps)
+        straightness[name] = estimate.value
+        straightness[f"{name}_ci"] = [estimate.lo, estimate.hi]
+        results[name] = result.entry
+        images.update(model_plots(name, result, states, reference, report, p.image_grid_size))
+        progress(f"{name}: done (straightness {estimate.value:.4f})")
+    teacher_best = protocol.mark_verdicts(results, metric)
+    best_tables = {m: {"nfe": r["best"]} for m, r in results.items()}
+    for plotted in PLOT_METRICS[kind]:
+        if any(plotted in entry for r in results.values() for entry in r["best"].values()):
+            floor = reference.floors.get(plotted)
+            images[f"{plotted} vs NFE (best sampler)"] = quality_vs_nfe(
+                best_tables, plotted, report / f"{plotted}_vs_nfe.png", floor=floor.mean if floor else None)
+    write_quality_tables_per_model(best_tables, report / "plots")
 
     metrics: dict[str, Any] = {
-        "dataset": data_manifest["source"].get("name") or data_manifest["source"]["source"],
+        "dataset": dataset,
         "kind": kind,
-        "n_samples": n,
-        "floor": floor,
+        "protocol": 2,
+        "n_samples": reference.n,
+        "reference": reference.description,
+        "floor": {k: f.mean for k, f in reference.floors.items()},
+        "floor_sd": {k: f.sd for k, f in reference.floors.items()},
+        "floor_draws": protocol.FLOOR_DRAWS,
+        "teacher_best": teacher_best,
         "models": results,
-        "straightness": straightness_by_model,
+        "straightness": straightness,
     }
-    if "reflow" in straightness_by_model:  # the reflow issue's block: teacher vs rectified student
-        metrics["reflow"] = {"straightness": {m: straightness_by_model[m] for m in ("teacher", "reflow")
-                                              if m in straightness_by_model}}
-    if "dpo" in models:  # the dpo issue's block: win rate over the reference on held-out seeds, rewards, drift
-        feature_fn = None
-        if classifier is not None:
-            real_features = extract_features(classifier, reference)
-            feature_fn = lambda x: frechet_distance(real_features, extract_features(classifier, x))  # noqa: E731
-        val_labels = torch.from_numpy(val_y) if val_y is not None and kind == "points" else None
-        def load_reference(rel: str) -> LoadedModel:
-            return models.get(rel.removeprefix("models/")) or load_model(ctx.path(rel), data_manifest["shape"])
-
-        metrics["dpo"] = alignment_block(
-            models["dpo"], load_reference, n=n, seed=p.seed, real_x=torch.from_numpy(val_x), real_y=val_labels,
-            classifier_dir=ctx.path("models/featurizer"), feature_fn=feature_fn)
+    if "reflow" in straightness:  # the reflow issue's block: teacher vs rectified student
+        metrics["reflow"] = {"straightness": {m: straightness[m] for m in ("teacher", "reflow") if m in straightness}}
+    if "dpo" in models:
+        progress("dpo: alignment block (win rate, rewards, implicit accuracy)")
+        metrics["dpo"] = dpo_block(ctx, models, reference, kind, data_manifest["shape"])
     validate_metrics_schema(metrics)
 
+    head = {"metric": f"{metric}_ratio", "protocol": 2, "models": protocol.headline(results, metric)}
+    write_json(ctx.path(HEADLINE_FILE), head)
+    write_results_csv(protocol.results_rows(results), report / "results.csv")
     lineage = lineage_rows(ctx)
     write_html_report(report / "report.html", metrics, images, lineage)
     ctx.manifest.update({
         "evaluated_models": names,
         "skipped_models": list(skipped),
-        "n_samples": n,
+        "n_samples": reference.n,
         "straightness_grid": f"euler, {p.straightness_steps} steps uniform in flow time s = sigma/(alpha+sigma), "
                              "states in the flow frame x/(alpha+sigma)",
         "model_lineage": lineage,
     })
-    publish_table(results, floor, kind)
+    log_to_mlflow(ctx, results, head)
+    tag_evaluated_versions(ctx.params.tracking.experiment, head["metric"], head["models"],
+                           {name: ctx.path(f"models/{name}") for name in names})
+    publish_table(results, reference, kind)
     ctx.run.log_artifacts(report, artifact_path="report")
+    progress("evaluate: done")
     return metrics
+
+
+def dpo_block(ctx: StageContext, models: dict, reference: protocol.Reference, kind: str, shape) -> dict:
+    """The dpo issue's block: win rate over the reference on held-out seeds, rewards, drift."""
+    p = ctx.params.evaluate
+    shards = ctx.path("data/shards")
+    val_x, val_y = read_split(shards, "val")
+    feature_fn = None
+    if kind == "image":
+        classifier = load_classifier(ctx.path("models/featurizer"))
+        real_features = extract_features(classifier, torch.from_numpy(val_x))
+        feature_fn = lambda x: frechet_distance(real_features, extract_features(classifier, x))  # noqa: E731
+    val_labels = torch.from_numpy(val_y) if val_y is not None and kind == "points" else None
+    n = min(reference.n, len(val_x) // 2)
+
+    def load_reference(rel: str) -> LoadedModel:
+        return models.get(rel.removeprefix("models/")) or load_model(ctx.path(rel), shape)
+
+    return alignment_block(models["dpo"], load_reference, n=n, seed=p.seed, real_x=torch.from_numpy(val_x),
+                           real_y=val_labels, classifier_dir=ctx.path("models/featurizer"), feature_fn=feature_fn)
+
+
+def write_results_csv(rows: list[dict], path: Path) -> Path:
+    import csv
+
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def log_to_mlflow(ctx: StageContext, results: dict, head: dict) -> None:
+    """Quality vs NFE as MLflow series (step = NFE): `<model>.<metric>` for the default sampler and
+    `<model>.best.<metric>` for the best one (intervals as _lo / _hi); the headline under plain names
+    (`<model>_best`, `<model>_nfe1`, ...); the tidy table as an artifact (tables/results.csv)."""
+    for name, entry in results.items():
+        for which, prefix in (("nfe", name), ("best", f"{name}.best")):
+            for nfe, cell in entry[which].items():
+                values = {f"{prefix}.{k}": v for k, v in cell.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                values.update({f"{prefix}.{k.removesuffix('_ci')}_{end}": v[i] for k, v in cell.items()
+                               if isinstance(v, list) for i, end in enumerate(("lo", "hi"))})
+                ctx.log_metrics(values, step=int(nfe))
+    plain = {}
+    for name, row in head["models"].items():
+        for k, v in row.items():
+            if isinstance(v, list):
+                plain[f"{name}_{k.removesuffix('_ci')}_lo"], plain[f"{name}_{k.removesuffix('_ci')}_hi"] = v
+            else:
+                plain[f"{name}_{k}"] = v
+    ctx.log_metrics(plain)
+    ctx.run.log_artifact(ctx.out_dir / "results.csv", artifact_path="tables")
 
 
 # --------------------------------------------------------------------------- report helpers
@@ -342,15 +354,16 @@ def lineage_rows(ctx: StageContext) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def publish_table(results: dict, floor: dict[str, float], kind: str) -> None:
-    """The models x NFE table as a Prefect table artifact (shown on the flow run page)."""
+def publish_table(results: dict, reference: protocol.Reference, kind: str) -> None:
+    """The models x NFE table (best sampler, intervals) as a Prefect table artifact (shown on the flow run page)."""
     from prefect.artifacts import create_table_artifact
 
     rows = [{k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
-            for row in quality_table_rows(results)]
-    floor_text = ", ".join(f"{k} = {v:.4g}" for k, v in floor.items())
+            for row in protocol.results_rows(results) if row["which"] == "best"]
+    floor_text = ", ".join(f"{k} = {f.mean:.4g} +- {f.sd:.2g}" for k, f in reference.floors.items())
     create_table_artifact(table=rows, key=TABLE_ARTIFACT_KEY,
-                          description=f"Quality vs NFE ({kind} data); floor (real vs real): {floor_text}")
+                          description=f"Quality vs NFE, best sampler ({kind} data); floor (real vs real, mean +- sd "
+                                      f"over {protocol.FLOOR_DRAWS} draws): {floor_text}")
 
 
 @flow(name="evaluate", description="Evaluate every model on the NFE grid: metrics.json, plots, HTML report.")

@@ -316,7 +316,14 @@ def publish_summary(summary: dict) -> None:
                           description=f"MLflow parent run {summary.get('mlflow_parent_run_id')}")
 
 
-@flow(name="pipeline", description="Reproduce the DVC pipeline (or some targets) stage by stage; DVC decides "
+def flow_run_name() -> str:
+    """The Prefect flow run is named after `run_name` when given (else Prefect's random slug)."""
+    from prefect.utilities.names import generate_slug
+
+    return flow_run_context.parameters.get("run_name") or generate_slug(2)
+
+
+@flow(name="pipeline", flow_run_name=flow_run_name, description="Reproduce the DVC pipeline (or some targets) stage by stage; DVC decides "
                                    "what is stale. Overrides are key.path=value, recorded as a DVC experiment.")
 def pipeline(targets: list[str] = [ALL], force: bool = False, overrides: list[str] = [],  # noqa: B006
              run_name: Optional[str] = None):

@@ -5,6 +5,10 @@
   background and reused by every later stage, so a stage pays ~0.5 s instead of the ~7 s of Prefect's
   temporary per-process server. `python -m flows server stop` (or `make stop`) stops it.
 - PIPELINE_PREFECT=ephemeral: Prefect's own temporary server per process (slow, leaves nothing running).
+
+Every server started here is told its own address as the UI's API URL (PREFECT_UI_API_URL), so the UI works on any
+port. A stage running in a DVC experiment-queue workspace (`.dvc/tmp/exps/...`, a throwaway copy of the repo) uses
+the state of the repo that queued it (`home_root`): one Prefect server, one MLflow store for every queued run.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Optional
 
 from components.errors import UserError
 from components.io import free_port
@@ -27,14 +32,38 @@ STATE_FILE = "server.json"
 
 
 def repo_root() -> Path:
-    """The repo root: DVC sets DVC_ROOT for stage commands; otherwise walk up from cwd to dvc.yaml."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
+    """The repo root: walk up from cwd to dvc.yaml (DVC runs a stage in its workspace: the repo, or for a queued
+    experiment a copy under .dvc/tmp/exps/, where DVC_ROOT still names the original repo); else DVC_ROOT; else cwd."""
     here = Path.cwd().resolve()
     for p in (here, *here.parents):
         if (p / "dvc.yaml").exists() or (p / ".dvc").is_dir():
             return p
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
     return here
+
+
+EXP_WORKSPACE = (".dvc", "tmp", "exps")  # where `dvc exp run --queue` / `dvc queue start` run experiments
+
+
+def home_root(root: Path) -> Path:
+    """The repo that owns shared state (Prefect server, MLflow store): `root` itself, or for a DVC experiment
+    workspace under <repo>/.dvc/tmp/exps/..., that <repo>."""
+    parts = Path(root).resolve().parts
+    for i in range(len(parts) - len(EXP_WORKSPACE)):
+        if parts[i:i + len(EXP_WORKSPACE)] == EXP_WORKSPACE:
+            return Path(*parts[:i])
+    return Path(root).resolve()
+
+
+def server_env(state_dir: Path, host: str, port: int, public_host: Optional[str] = None) -> dict[str, str]:
+    """Environment for `prefect server start`: its own home, and the UI pointed at this server's API (Prefect
+    otherwise tells the UI http://127.0.0.1:4200/api whatever port the server listens on)."""
+    env = {**os.environ, "PREFECT_HOME": str(state_dir), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_API_HOST": host, "PREFECT_SERVER_API_PORT": str(port),
+           "PREFECT_UI_API_URL": f"http://{public_host or host}:{port}/api"}
+    env.pop("PREFECT_API_URL", None)
+    return env
 
 
 def api_healthy(api_url: str, timeout: float = 2.0) -> bool:
@@ -47,6 +76,7 @@ def api_healthy(api_url: str, timeout: float = 2.0) -> bool:
 
 def configure_prefect(root: Path) -> str:
     """Point this process (and its children) at a Prefect API; returns a short description."""
+    root = home_root(root)
     os.environ.setdefault("PREFECT_HOME", str(root / STATE_DIR))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     url = os.environ.get("PREFECT_API_URL")
@@ -89,12 +119,12 @@ def ensure_local_server(root: Path, port: int | None = None, timeout: float = 12
             return url
         port = port or free_port()
         api_url = f"http://127.0.0.1:{port}/api"
-        env = {**os.environ, "PREFECT_HOME": str(state_dir), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        env.pop("PREFECT_API_URL", None)
+        env = server_env(state_dir, "127.0.0.1", port)
         log = open(state_dir / "server.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            cwd=state_dir)  # not the caller's cwd: a queued experiment's workspace is deleted when it ends
         print(f"Starting a local Prefect server (UI http://127.0.0.1:{port}, log {state_dir / 'server.log'}); "
               "it keeps running for later stages, stop it with `make stop`", file=sys.stderr)
         deadline = time.time() + timeout
@@ -119,3 +149,152 @@ def stop_local_server(root: Path) -> bool:
         os.killpg(state["pid"], signal.SIGTERM)
     path.unlink(missing_ok=True)
     return True
+
+
+# ---------------------------------------------------------------- a stage process started by DVC
+
+def use_home_tracking_store(root: Path, configured_uri: Optional[str]) -> None:
+    """In a DVC experiment workspace, log to the home repo's MLflow store (the workspace copy, and its mlflow.db,
+    is deleted when the experiment ends). An explicit MLFLOW_TRACKING_URI or tracking.uri is left alone."""
+    home = home_root(root)
+    if home != Path(root).resolve() and not configured_uri and not os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(home / 'mlflow.db').as_posix()}"
+
+
+def _is_dvc_command(cmdline: list[str]) -> bool:
+    words = [Path(word).name for word in cmdline[:3]]
+    return bool(words) and (words[0] == "dvc" or (len(words) > 1 and words[1] == "dvc")
+                            or (len(words) > 2 and words[1] == "-m" and words[2] in ("dvc", "dvc.cli")))
+
+
+def dvc_invocation() -> Optional[str]:
+    """`<pid>-<start time>` of the `dvc` process that started this stage (the nearest `dvc` ancestor), or None
+    when DVC did not start it. Stages of one `dvc repro` share it; two invocations never do."""
+    if not os.environ.get("DVC_STAGE"):
+        return None
+    import psutil
+
+    with contextlib.suppress(psutil.Error):
+        process = psutil.Process().parent()
+        while process is not None:
+            if _is_dvc_command(process.cmdline()):
+                return f"{process.pid}-{int(process.create_time())}"
+            process = process.parent()
+    return None
+
+
+def params_overrides(root: Path) -> dict:
+    """The params.yaml keys that differ from the committed file (what `dvc exp run -S` or an edit changed)."""
+    import yaml
+
+    from components.tracking.lineage import flatten
+
+    committed = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=root, capture_output=True, text=True)
+    if committed.returncode != 0 or not (root / "params.yaml").exists():
+        return {}
+    before = flatten(yaml.safe_load(committed.stdout) or {})
+    after = flatten(yaml.safe_load((root / "params.yaml").read_text()) or {})
+    return {key: after.get(key) for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)}
+
+
+class InvocationRun:
+    """The MLflow parent run shared by the stages of one `dvc repro` / `dvc exp run` (so `make demo`, a manual
+    `dvc repro` and each queued experiment are one parent run with the stage runs as children). Not used when
+    the pipeline flow already opened a parent run (PIPELINE_PARENT_RUN_ID) or DVC did not start the stage.
+
+    The run is named after the DVC experiment (DVC_EXP_NAME) or `dvc-repro-<time>`; its params `override.*`
+    are the params.yaml keys that differ from HEAD. Each stage reopens it and ends it, FAILED if it failed.
+    """
+
+    def __init__(self, root: Path, experiment: str, tracking_uri: str):
+        from components.tracking.lineage import PARENT_RUN_ENV
+
+        self.root, self.experiment, self.tracking_uri = root, experiment, tracking_uri
+        self.invocation = None if os.environ.get(PARENT_RUN_ENV) else dvc_invocation()
+        self.run_id: Optional[str] = None
+        self.run_name: Optional[str] = None
+
+    def __enter__(self) -> "InvocationRun":
+        if self.invocation is None:
+            return self
+        from components.tracking.lineage import PARENT_RUN_ENV
+        from components.tracking.registry import check_tracking_server
+        from components.tracking.runs import open_invocation_run
+
+        check_tracking_server(self.tracking_uri)  # one line, not minutes of HTTP retries
+        started = time.localtime(int(self.invocation.rsplit("-", 1)[1]))
+        self.run_name = os.environ.get("DVC_EXP_NAME") or f"dvc-repro-{time.strftime('%Y%m%d-%H%M%S', started)}"
+        overrides = params_overrides(self.root)
+        self.run_id = open_invocation_run(
+            self.experiment, self.tracking_uri, self.root, self.invocation, self.run_name,
+            params={"override": overrides} if overrides else None,
+            extra_tags={"dvc.exp.name": os.environ["DVC_EXP_NAME"]} if os.environ.get("DVC_EXP_NAME") else None)
+        os.environ[PARENT_RUN_ENV] = self.run_id
+        return self
+
+    def close(self, stage: str, failed: bool) -> None:
+        if self.run_id:
+            from components.tracking.runs import close_invocation_run
+
+            try:
+                close_invocation_run(self.tracking_uri, self.run_id, self.root, stage, failed)
+            except Exception as e:  # noqa: BLE001 - the stage's own outcome stands; the next stage reopens the run
+                print(f"warning: could not update the MLflow parent run {self.run_id} ({type(e).__name__}: "
+                      f"{str(e)[:200]})", file=sys.stderr)
+            self.run_id = None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(os.environ.get("DVC_STAGE", "?"), failed=exc_type is not None)
+
+
+class _PrefectTee:
+    """A text stream that writes through and sends each complete line (tqdm's carriage-return redraws
+    included) to the current Prefect flow run's log, so the UI shows a stage's output and progress."""
+
+    def __init__(self, stream, logger):
+        self._stream, self._logger, self._pending, self._busy = stream, logger, "", False
+
+    def write(self, text: str) -> int:
+        written = self._stream.write(text)
+        if self._busy:
+            return written
+        self._busy = True
+        try:
+            self._pending += text
+            *lines, self._pending = self._pending.replace("\r", "\n").split("\n")
+            lines = [line.strip() for line in lines if line.strip()]
+            if lines:
+                from prefect.context import FlowRunContext
+
+                if FlowRunContext.get() is not None:
+                    for line in lines:
+                        self._logger.info(line)
+        finally:
+            self._busy = False
+        return written
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def output_to_prefect() -> "contextlib.AbstractContextManager[None]":
+    """Inside the block, stdout and stderr lines also go to the Prefect flow run's log (API only: the console
+    already shows them)."""
+    import logging
+
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger("flows.stage_output")
+    logger.propagate, logger.level = False, logging.INFO
+    if not logger.handlers:
+        logger.addHandler(APILogHandler())
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _PrefectTee(sys.stdout, logger), _PrefectTee(sys.stderr, logger)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved

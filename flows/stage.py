@@ -13,9 +13,8 @@ A stage flow is `run_stage(SPEC, body)` inside a Prefect @flow. `run_stage`:
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ from components.errors import DataError, UserError
 from components.io import (HolderLock, LockHeld, atomic_output_dir, describe_holder, file_records, read_json,
                            remove_stale_temp_dirs, verify_file_records, write_json)
 from components.tracking.lineage import (MANIFEST, OUTPUT_DIGEST_TAG, StageRun, content_digest, describe_input,
-                                         dvc_locked_hash, dvc_stages, end_abandoned_run, entry_paths,
+                                         dvc_stages, end_abandoned_run, entry_paths,
                                          output_producers, resolve_tracking_uri, run_record_path)
 from components.tracking.registry import MODEL_SPEC_FILE, check_tracking_server, log_and_register_model
 from flows.runtime import repo_root
@@ -96,6 +95,25 @@ def stage_inputs(repo: Path, spec: StageSpec) -> tuple[str, ...]:
     return tuple(spec.inputs)
 
 
+VERSION_TAGS = ("stage", "git.commit", "dvc.lock.digest", "params.digest")  # + upstream.<stage>.run_id
+
+
+def check_no_run_ids(stage: str, manifest: dict, run_ids: list[str]) -> None:
+    """A run id in the output would change its hash on every rerun (and make everything downstream stale): a bug
+    in the stage body, which should put run-specific facts into `ctx.record` (the run record) instead."""
+    text = json.dumps(manifest, default=str)
+    leaked = sorted({run_id for run_id in run_ids if run_id and run_id in text})
+    if leaked:
+        raise RuntimeError(f"stage '{stage}' put MLflow run id(s) {', '.join(leaked)} into its output manifest; "
+                           "record them in ctx.record (data/<stage>/run.json) so the output hash stays stable")
+
+
+def headline_numbers(metrics: dict, limit: int = 20) -> dict[str, float]:
+    """The stage's top-level numeric metrics (what a registered version carries as tags)."""
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return dict(list(numbers.items())[:limit])
+
+
 def used_params(params: Params, sections: tuple[str, ...]) -> dict[str, Any]:
     return {s: params.section(s).model_dump(mode="json") for s in sections}
 
@@ -126,9 +144,11 @@ def run_stage(spec: StageSpec, body: Callable[[StageContext], Optional[dict]],
                 # Only what the inputs determine goes into the output, so an unchanged rerun keeps its DVC hash and
                 # leaves everything downstream up to date; run ids, commit and times go to the run record below.
                 # `files` (size + md5 of each file) lets every reader check the output is intact (check_inputs).
-                write_json(tmp / MANIFEST, {**ctx.manifest, FILES_KEY: file_records(tmp), "lineage": {
+                manifest = {**ctx.manifest, FILES_KEY: file_records(tmp), "lineage": {
                     "stage": spec.name, "params": stage_params,
-                    "inputs": [{"path": r["path"], "stage": r["stage"], "digest": r["content_digest"]} for r in inputs]}})
+                    "inputs": [{"path": r["path"], "stage": r["stage"], "digest": r["content_digest"]} for r in inputs]}}
+                check_no_run_ids(spec.name, manifest, [run.run_id, *run.child_run_ids])
+                write_json(tmp / MANIFEST, manifest)
             metrics = {**metrics, "stage_seconds": round(time.time() - started, 3)}
             metrics_file = repo / spec.metrics_path
             metrics_file.parent.mkdir(parents=True, exist_ok=True)
@@ -147,11 +167,14 @@ def run_stage(spec: StageSpec, body: Callable[[StageContext], Optional[dict]],
                 run.log_metrics(metrics)
                 run.log_artifact(out / MANIFEST)
                 run.set_tags({OUTPUT_DIGEST_TAG: output_digest})
-                if (out / MODEL_SPEC_FILE).exists():  # a model-producing stage: PyTorch flavour + registry
-                    name, version = log_and_register_model(out, params.tracking.experiment, spec.name,
-                                                           tags={"stage": spec.name, "git.commit": run.tags.get("git.commit")})
-                    run.set_tags({"registered_model.name": name, "registered_model.version": version})
-                    record["registered_model"] = {"name": name, "version": version}
+                if (out / MODEL_SPEC_FILE).exists():  # a model-producing stage: a sampling model in the registry
+                    lineage_tags = {k: v for k, v in run.tags.items() if k in VERSION_TAGS or k.startswith("upstream.")}
+                    name, version, reused = log_and_register_model(
+                        out, params.tracking.experiment, spec.name, run.run_id,
+                        tags={**lineage_tags, OUTPUT_DIGEST_TAG: output_digest}, metrics=headline_numbers(metrics))
+                    run.set_tags({"registered_model.name": name, "registered_model.version": version,
+                                  "registered_model.reused": reused})
+                    record["registered_model"] = {"name": name, "version": version, "reused": reused}
             except Exception as e:  # noqa: BLE001  (any MLflow/HTTP failure: the outputs are already in place)
                 if not tracking_uri.startswith(("http://", "https://")):
                     raise
@@ -296,43 +319,6 @@ def _settle_flow_run(flow_run_id: str, completed: bool, note: str) -> bool:
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
-
-
-def restore_metrics(repo: Path, stage: str) -> list[str]:
-    """Put back the stage's metrics files that `dvc repro` deleted before a run that then failed.
-
-    DVC removes every output, metrics included, before it runs a stage; metrics are `cache: false` (git tracks
-    them), so `dvc checkout` cannot restore them. The copy recorded in dvc.lock is taken from DVC's cache (the run
-    cache keeps one of every metrics file it saw) or from git HEAD when its digest matches; dvc.lock is unchanged
-    after a failure, so the restored file makes `dvc status` show only what really changed. Returns what it restored.
-    """
-    restored = []
-    for rel in entry_paths(dvc_stages(repo).get(stage, {}).get("metrics")):
-        path, locked = Path(repo) / rel, dvc_locked_hash(repo, rel)
-        if path.exists() or not locked:
-            continue
-        content = _cached_object(repo, locked) or _git_head_file(repo, rel)
-        if content is not None and hashlib.md5(content).hexdigest() == locked:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(content)
-            restored.append(rel)
-    return restored
-
-
-def _cached_object(repo: Path, md5: str) -> Optional[bytes]:
-    try:
-        from dvc.repo import Repo
-
-        with Repo(str(repo)) as dvc_repo:
-            path = Path(dvc_repo.cache.local.oid_to_path(md5))
-        return path.read_bytes() if path.is_file() else None
-    except Exception:  # no DVC repo or unreadable cache: fall back to git
-        return None
-
-
-def _git_head_file(repo: Path, rel: str) -> Optional[bytes]:
-    result = subprocess.run(["git", "show", f"HEAD:{rel}"], cwd=repo, capture_output=True, timeout=30)
-    return result.stdout if result.returncode == 0 else None
 
 
 def read_manifest(path: Path) -> dict:

@@ -13,7 +13,7 @@ command -v "$PY" >/dev/null 2>&1 || PY=python3
   || { echo "error: Python 3.11 is required (found $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2; exit 2; }
 
 stamp=".venv/.installed-$(cat constraints.txt pyproject.toml | md5sum | cut -c1-12)"
-if [ -f "$stamp" ]; then exit 0; fi
+if [ -f "$stamp" ]; then scripts/vendor_plots.sh; exit 0; fi
 
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
@@ -32,4 +32,5 @@ reqs=$(mktemp)
 .venv/bin/pip install -q -c constraints.txt -r "$reqs"
 rm -f "$reqs" .venv/.installed-*
 touch "$stamp"
+scripts/vendor_plots.sh
 echo "environment ready: .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -1,5 +1,5 @@
 """Consistency models in EDM coordinates: the boundary-shifted parameterisation, the Karras grid, one teacher
-Heun step, the pseudo-Huber distance and multistep consistency sampling.
+Heun step and the pseudo-Huber distance. Multistep sampling is the samplers' method "consistency".
 
 Any denoiser (on any schedule) is viewed in EDM coordinates by the exact reparametrisation
 x_edm = x_t / alpha(t), sigma_edm = sigma(t) / alpha(t) (same log-SNR). For the flow path (alpha = 1 - t,
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from components.diffusion.grids import make_grid
-from components.diffusion.samplers import SampleResult
+from components.diffusion.samplers import heun_step
 from components.diffusion.schedules import Schedule, append_dims, make_schedule
 
 SIGMA_MIN = 0.002
@@ -95,12 +95,9 @@ def karras_sigmas(n: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA
 
 def heun_edm_step(denoise: EdmDenoiseFn, x: Tensor, sigma_from: Tensor, sigma_to: Tensor,
                   cond: Optional[Tensor] = None) -> Tensor:
-    """One Heun step of the EDM PF-ODE dx/dsigma = (x - D(x, sigma)) / sigma from sigma_from to sigma_to > 0."""
-    step = append_dims(sigma_to - sigma_from, x)
-    d = (x - denoise(x, sigma_from, cond)) / append_dims(sigma_from, x)
-    x_euler = x + step * d
-    d_next = (x_euler - denoise(x_euler, sigma_to, cond)) / append_dims(sigma_to, x)
-    return x + step * 0.5 * (d + d_next)
+    """One Heun step of the EDM PF-ODE dx/dsigma = (x - D(x, sigma)) / sigma from sigma_from to sigma_to > 0
+    (per-sample [B] noise levels; the samplers' one Heun step)."""
+    return heun_step(lambda y, s: (y - denoise(y, s, cond)) / append_dims(s, y), x, sigma_from, sigma_to)
 
 
 def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
@@ -114,43 +111,3 @@ def pseudo_huber(a: Tensor, b: Tensor, c: float) -> Tensor:
 def default_huber_c(dim: int) -> float:
     """iCT's c = 0.00054 sqrt(dim) (dim = numbers per sample)."""
     return 0.00054 * math.sqrt(dim)
-
-
-def multistep_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> list[float]:
-    """Noise levels of `steps`-step consistency sampling: sigma_max, then the inner points of a (steps + 1)-point
-    Karras grid (descending). One step is [sigma_max]."""
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if steps == 1:
-        return [sigma_max]
-    ascending = karras_sigmas(steps + 1, sigma_min, sigma_max, rho)
-    return ascending.flip(0)[:-1].tolist()
-
-
-def consistency_sample(f: ConsistencyFunction, noise: Tensor, steps: int, *, cond: Optional[Tensor] = None,
-                       generator: Optional[torch.Generator] = None, rho: float = 7.0,
-                       return_trajectory: bool = False) -> SampleResult:
-    """Multistep consistency sampling: x = f(sigma_max z, sigma_max); then for each next sigma
-    x = f(x + sqrt(sigma^2 - sigma_min^2) z', sigma). NFE = steps (counted)."""
-    sigmas = multistep_sigmas(steps, f.sigma_min, f.sigma_max, rho)
-    calls = 0
-    trajectory: list[Tensor] | None = [] if return_trajectory else None
-
-    def call(x: Tensor, sigma: float) -> Tensor:
-        nonlocal calls
-        calls += 1
-        return f(x, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device), cond)
-
-    x = sigmas[0] * noise
-    if trajectory is not None:
-        trajectory.append(x.clone())
-    x = call(x, sigmas[0])
-    if trajectory is not None:
-        trajectory.append(x.clone())
-    for sigma in sigmas[1:]:
-        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-        x = call(x + math.sqrt(max(sigma**2 - f.sigma_min**2, 0.0)) * z, sigma)
-        if trajectory is not None:
-            trajectory.append(x.clone())
-    times = torch.tensor(sigmas + [0.0], dtype=torch.float64)
-    return SampleResult(x=x, nfe=calls, trajectory=trajectory, times=times)

@@ -54,3 +54,12 @@ class GuidedDenoiser:
 def guided(denoiser: Callable[..., Tensor], w: float, null_label: int) -> GuidedDenoiser:
     """Return `denoiser` with classifier-free guidance weight `w` (see the module docstring)."""
     return GuidedDenoiser(denoiser, w, null_label)
+
+
+def guided_if_needed(denoiser: Callable[..., Tensor], w: float, cond: Tensor | None,
+                     num_classes: int | None) -> Callable[..., Tensor]:
+    """The denoiser a model samples with: guided with weight `w` when it is conditional, labels are given and
+    w != 1 (2 NFE per call); the plain denoiser otherwise. The one place that decides guidance."""
+    if cond is not None and num_classes is not None and w != 1.0:
+        return GuidedDenoiser(denoiser, w, null_label=num_classes)
+    return denoiser

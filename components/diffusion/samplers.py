@@ -8,6 +8,10 @@ Methods (registry `SAMPLERS`):
                    step when it lands on sigma = 0 and on the first step).
   "edm_stochastic" EDM's Heun with churn (S_churn, S_min, S_max, S_noise); the noise level is raised
                    in the scaled (x / alpha) space, which is EDM's rule when alpha = 1.
+  "consistency"    multistep consistency sampling for a consistency function seen as a denoiser: x0 = f(x, t),
+                   then re-noise to the next time, x = alpha x0 + sqrt(sigma^2 - sigma(t_min)^2) z (one call a step).
+`sample` takes the time grid as times, or as a grid kind ("edm", "uniform", "logsnr") plus `steps`
+(`sampling_grid`: for "consistency" the grid's last noise level t_min is dropped, since f is the identity there).
 Sampling starts at x = sigma(grid[0]) * noise (grid[0] = t_max for grids from make_grid). NFE is the
 number of denoiser calls times the denoiser's `nfe_per_call` (2 for classifier-free guidance).
 Gradients are not disabled here: wrap calls in torch.no_grad() when none are needed.
@@ -22,7 +26,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from components.diffusion.schedules import Schedule
+from components.diffusion.grids import make_grid
+from components.diffusion.schedules import Schedule, append_dims
 
 DenoiseFn = Callable[[Tensor, float], Tensor]
 RecordFn = Callable[[Tensor], None]
@@ -86,14 +91,21 @@ def _velocity(denoise: DenoiseFn, schedule: Schedule, x: Tensor, t: float) -> Te
     return (dalpha - dsigma * alpha / sigma) * denoise(x, t) + (dsigma / sigma) * x
 
 
-def _heun_step(denoise: DenoiseFn, schedule: Schedule, x: Tensor, t: float, t_next: float) -> Tensor:
-    step = t_next - t
-    d = _velocity(denoise, schedule, x, t)
+def heun_step(velocity: Callable[[Tensor, Tensor | float], Tensor], x: Tensor, t: Tensor | float,
+              t_next: Tensor | float, euler_only: bool = False) -> Tensor:
+    """One Heun (EDM, second order) step of dx/dt = velocity(x, t) from t to t_next; times are floats or
+    per-sample [B] tensors. `euler_only`: stop after the Euler predictor (the velocity is undefined at sigma = 0)."""
+    step = append_dims(t_next - t, x) if isinstance(t_next, Tensor) else t_next - t
+    d = velocity(x, t)
     x_euler = x + step * d
-    if _scalars(schedule, t_next)[1] == 0.0:  # velocity undefined at sigma = 0: stop at Euler
+    if euler_only:
         return x_euler
-    d_next = _velocity(denoise, schedule, x_euler, t_next)
-    return x + step * 0.5 * (d + d_next)
+    return x + step * 0.5 * (d + velocity(x_euler, t_next))
+
+
+def _heun_step(denoise: DenoiseFn, schedule: Schedule, x: Tensor, t: float, t_next: float) -> Tensor:
+    return heun_step(lambda y, time: _velocity(denoise, schedule, y, time), x, t, t_next,
+                     euler_only=_scalars(schedule, t_next)[1] == 0.0)
 
 
 def _euler(denoise: DenoiseFn, schedule: Schedule, grid: list[float], x: Tensor, record: RecordFn, generator) -> Tensor:
@@ -178,12 +190,28 @@ def _edm_stochastic(
     return x
 
 
+def _consistency(denoise: DenoiseFn, schedule: Schedule, grid: list[float], x: Tensor, record: RecordFn,
+                 generator) -> Tensor:
+    sigma_floor = _scalars(schedule, schedule.t_min)[1]
+    for t, t_next in zip(grid[:-1], grid[1:]):
+        x0 = denoise(x, t)
+        alpha_next, sigma_next = _scalars(schedule, t_next)
+        if sigma_next == 0.0:
+            x = x0
+        else:
+            z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+            x = alpha_next * x0 + math.sqrt(max(sigma_next**2 - sigma_floor**2, 0.0)) * z
+        record(x)
+    return x
+
+
 SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "euler": _euler,
     "heun": _heun,
     "ddim": _ddim,
     "dpmpp_2m": _dpmpp_2m,
     "edm_stochastic": _edm_stochastic,
+    "consistency": _consistency,
 }
 SAMPLER_OPTIONS: dict[str, frozenset[str]] = {
     "euler": frozenset(),
@@ -191,6 +219,7 @@ SAMPLER_OPTIONS: dict[str, frozenset[str]] = {
     "ddim": frozenset({"eta"}),
     "dpmpp_2m": frozenset(),
     "edm_stochastic": frozenset({"S_churn", "S_min", "S_max", "S_noise"}),
+    "consistency": frozenset(),
 }
 _TWO_EVALS_PER_STEP = ("heun", "edm_stochastic")
 
@@ -209,13 +238,26 @@ def _check_grid(grid: Tensor | list[float]) -> list[float]:
     return times.tolist()
 
 
+def sampling_grid(method: str, kind: str, schedule: Schedule, steps: int) -> Tensor:
+    """The descending times of `steps` steps of `method` on a grid of `kind` (see grids.make_grid).
+
+    "consistency": the noise levels of a (steps + 1)-step grid without its last one, t_min (f(x, t_min) = x):
+    [t_max, inner..., t_end]; with kind "edm" these are the consistency-models paper's Karras points."""
+    _check_method(method)
+    if method == "consistency":
+        times = make_grid(kind, schedule, steps + 1)
+        return torch.cat([times[:-2], times[-1:]])
+    return make_grid(kind, schedule, steps)
+
+
 def sample(
     denoiser: Callable[..., Tensor],
     schedule: Schedule,
-    grid: Tensor | list[float],
+    grid: Tensor | list[float] | str,
     noise: Tensor,
     *,
     method: str,
+    steps: int | None = None,
     cond: Tensor | None = None,
     return_trajectory: bool = False,
     generator: torch.Generator | None = None,
@@ -226,7 +268,8 @@ def sample(
     Args:
         denoiser: D(x, t, cond) -> x0_hat with t a [B] tensor (x's dtype).
         schedule: the schedule the denoiser was trained with.
-        grid: descending times (e.g. from make_grid), n_steps + 1 of them.
+        grid: descending times (n_steps + 1 of them), or a grid kind ("edm", "uniform", "logsnr") with `steps`.
+        steps: number of steps when `grid` is a kind.
         noise: standard normal tensor [B, ...]; its dtype is the compute dtype.
         method: a key of SAMPLERS.
         cond: labels [B] passed to every denoiser call (or None).
@@ -238,6 +281,10 @@ def sample(
     unknown = set(opts) - SAMPLER_OPTIONS[method]
     if unknown:
         raise ValueError(f"unknown option(s) {sorted(unknown)} for sampler {method!r}; allowed: {sorted(SAMPLER_OPTIONS[method])}")
+    if isinstance(grid, str):
+        if steps is None:
+            raise ValueError(f"grid kind {grid!r} needs `steps`")
+        grid = sampling_grid(method, grid, schedule, steps)
     times = _check_grid(grid)
     calls = 0
 

@@ -269,12 +269,17 @@ def straightness(trajectory: Sequence[torch.Tensor] | torch.Tensor, times: Array
     On a coarse grid the polyline hides curvature between states, so S is underestimated: compare models
     on trajectories recorded with the same (fine) grid.
     """
+    return float(straightness_per_path(trajectory, times).mean())
+
+
+def straightness_per_path(trajectory: Sequence[torch.Tensor] | torch.Tensor, times: ArrayLike) -> torch.Tensor:
+    """The straightness integral of each path [B] (``straightness`` is their mean)."""
     states, tau = _stack_trajectory(trajectory, times)
     dtau = (tau[1:] - tau[:-1])
     velocities = (states[1:] - states[:-1]) / dtau[:, None, None]
     displacement = states[-1] - states[0]
-    deviation = ((displacement[None] - velocities) ** 2).sum(dim=2).mean(dim=1)
-    return float((dtau * deviation).sum())
+    deviation = ((displacement[None] - velocities) ** 2).sum(dim=2)  # [K, B]
+    return (dtau[:, None] * deviation).sum(dim=0)
 
 
 def path_length_ratio(trajectory: Sequence[torch.Tensor] | torch.Tensor) -> float:

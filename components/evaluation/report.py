@@ -47,12 +47,31 @@ def _require_keys_of_one_kind(mapping: Mapping, options: tuple[tuple[str, ...], 
         _require_key(mapping, key, where)
 
 
+def _require_entry_value(key: str, value: Any, where: str) -> None:
+    if key.endswith("_ci"):
+        if not (isinstance(value, (list, tuple)) and len(value) == 2):
+            raise MetricsSchemaError(f"{where}: expected an interval [lo, hi], got {value!r}")
+        for bound in value:
+            _require_number(bound, where)
+        if value[0] > value[1]:
+            raise MetricsSchemaError(f"{where}: interval lower bound {value[0]} above upper bound {value[1]}")
+    elif key.endswith("_below_floor"):
+        if not isinstance(value, bool):
+            raise MetricsSchemaError(f"{where}: expected true/false, got {value!r}")
+    elif key in ("sampler", "vs_teacher_best"):
+        if not isinstance(value, str):
+            raise MetricsSchemaError(f"{where}: expected a string, got {value!r}")
+    else:
+        _require_number(value, where)
+
+
 def validate_metrics_schema(metrics: Mapping[str, Any]) -> None:
     """Raise MetricsSchemaError (a ValueError) naming the first bad key path; return None if valid.
 
     Required: ``dataset`` (str); ``floor`` with sw2+mmd (2-D) or fd (images); ``models`` (non-empty)
     mapping each model to {"nfe": {str(int >= 1): entry}}, each entry holding sec_per_sample and either
-    sw2, sw2_ratio, mmd, mmd_ratio or fd, fd_ratio, precision, recall. Every value is a finite number.
+    sw2, sw2_ratio, mmd, mmd_ratio or fd, fd_ratio, precision, recall. Values are finite numbers, except
+    `<metric>_ci` ([lo, hi] with lo <= hi), `<metric>_below_floor` (bool), `sampler` and `vs_teacher_best` (str).
     Optional sections ``reflow`` (straightness per model) and ``dpo`` are checked when present.
     """
     root = _require_mapping(metrics, "metrics")
@@ -79,7 +98,7 @@ def validate_metrics_schema(metrics: Mapping[str, Any]) -> None:
             _require_key(entry, "sec_per_sample", entry_where)
             _require_keys_of_one_kind(entry, (ENTRY_KEYS_2D, ENTRY_KEYS_IMAGE), entry_where)
             for key, value in entry.items():
-                _require_number(value, f"{entry_where}.{key}")
+                _require_entry_value(key, value, f"{entry_where}.{key}")
 
     if "reflow" in root:
         reflow = _require_mapping(root["reflow"], "metrics.reflow")
@@ -111,6 +130,8 @@ img { max-width: 640px; border: 1px solid #ddd; }
 def _format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, float) for v in value):
+        return f"[{value[0]:.4g}, {value[1]:.4g}]"
     return html.escape(str(value))
 
 
@@ -126,20 +147,50 @@ def _table(header: list[str], rows: list[list[Any]], name_columns: int = 1) -> s
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def _cell_text(entry: Mapping[str, Any], metric: str) -> str:
+    """'1.52 [1.31, 1.75] tie' for the ratio of `metric`; flags a below-floor value."""
+    value, ci = entry.get(f"{metric}_ratio"), entry.get(f"{metric}_ratio_ci")
+    if value is None:
+        return ""
+    text = f"{value:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+    verdict = entry.get("vs_teacher_best")
+    if verdict:
+        text += f" {verdict}"
+    if entry.get(f"{metric}_below_floor"):
+        text += f" BELOW FLOOR (recall {entry['recall']:.2f})" if "recall" in entry else " BELOW FLOOR"
+    return text
+
+
 def _quality_section(metrics: Mapping[str, Any]) -> str:
     models = metrics.get("models", {})
+    if not models:
+        return "<p>No model was evaluated.</p>"
+    metric = "sw2" if "sw2" in metrics.get("floor", {}) else "fd"
+    parts = [f"<p>{metric} as a multiple of the floor, best sampler x grid at each NFE, with its 95% interval; "
+             "'tie' where the interval overlaps that of the teacher's best cell.</p>"]
+    nfes = sorted({int(n) for m in models.values() for n in m.get("nfe", {})})
+    rows = []
+    for model, entry in models.items():
+        best = entry.get("best", entry.get("nfe", {}))
+        rows.append([model] + [_cell_text(best[str(n)], metric) + (f" ({best[str(n)]['sampler']})"
+                                                                    if "sampler" in best.get(str(n), {}) else "")
+                               if str(n) in best else "" for n in nfes])
+        default = entry.get("nfe", {})
+        rows.append([f"{model} (default {entry.get('sampler', '')})"]
+                    + [_cell_text(default[str(n)], metric) if str(n) in default else "" for n in nfes])
+    parts.append(_table(["model"] + [f"NFE {n}" for n in nfes], rows, name_columns=1))
     metric_keys: list[str] = []
     for model_entry in models.values():
-        for entry in model_entry.get("nfe", {}).values():
+        for entry in model_entry.get("best", model_entry.get("nfe", {})).values():
             metric_keys.extend(k for k in entry if k not in metric_keys)
-    rows = []
+    full = []
     for model, model_entry in models.items():
-        nfe_entries = model_entry.get("nfe", {})
-        for nfe in sorted(nfe_entries, key=int):
-            rows.append([model, int(nfe)] + [nfe_entries[nfe].get(k, "") for k in metric_keys])
-    if not rows:
-        return "<p>No model was evaluated.</p>"
-    return _table(["model", "NFE"] + metric_keys, rows, name_columns=1)
+        table = model_entry.get("best", model_entry.get("nfe", {}))
+        for nfe in sorted(table, key=int):
+            full.append([model, int(nfe)] + [_format_value(table[nfe].get(k, "")) for k in metric_keys])
+    parts.append("<h3>All metrics, best sampler</h3>")
+    parts.append(_table(["model", "NFE"] + metric_keys, full, name_columns=1))
+    return "\n".join(parts)
 
 
 def _image_tag(name: str, image_path: Path, report_dir: Path) -> str:
@@ -171,15 +222,21 @@ def write_html_report(
     ]
     floor = metrics.get("floor", {})
     if floor:
-        parts.append("<h2>Floor (two disjoint real sets)</h2>")
-        parts.append(_table(list(floor), [list(floor.values())], name_columns=0))
+        draws = metrics.get("floor_draws")
+        parts.append("<h2>Floor (disjoint real sets" + (f", mean and sd over {draws} draws)" if draws else ")") + "</h2>")
+        rows = [list(floor.values())]
+        if metrics.get("floor_sd"):
+            rows.append([metrics["floor_sd"].get(k, "") for k in floor])
+        parts.append(_table(list(floor), rows, name_columns=0))
     parts.append("<h2>Quality vs NFE</h2>")
     parts.append("<p>Ratios are value / floor (1 = as good as real data); sec_per_sample is sampling wall time.</p>")
     parts.append(_quality_section(metrics))
     straightness = metrics.get("reflow", {}).get("straightness", {})
     if straightness:
         parts.append("<h2>Straightness of sampling trajectories</h2>")
-        parts.append(_table(["model", "straightness"], [[m, v] for m, v in straightness.items()]))
+        all_straightness = metrics.get("straightness", {})
+        parts.append(_table(["model", "straightness", "95% interval"],
+                            [[m, v, _format_value(all_straightness.get(f"{m}_ci", ""))] for m, v in straightness.items()]))
     dpo = metrics.get("dpo")
     if dpo:
         parts.append("<h2>Preference alignment (DPO)</h2>")

@@ -19,8 +19,7 @@ from typing import Any, Optional
 import torch
 
 from components.diffusion.denoiser import Denoiser
-from components.diffusion.grids import make_grid
-from components.diffusion.guidance import GuidedDenoiser
+from components.diffusion.guidance import guided_if_needed
 from components.diffusion.samplers import SampleResult, sample, steps_for_nfe
 from components.diffusion.schedules import Schedule, make_schedule
 from components.errors import DataError
@@ -84,37 +83,26 @@ class LoadedModel:
             # count that fits the budget (its NFE is what SampleResult.nfe reports).
             student = self.student_for(nfe)
             return student.sample(noise, steps=student.spec["sampler"]["steps"], method=method, grid=grid, cond=cond,
-                                                guidance=guidance, return_trajectory=return_trajectory,
-                                                generator=generator)
+                                  guidance=guidance, return_trajectory=return_trajectory, generator=generator)
         defaults = self.spec["sampler"]
         method = method or defaults["method"]
-        if method == "consistency":
-            from components.diffusion.consistency import consistency_sample
-
-            n_steps = steps if steps is not None else (nfe if nfe is not None else defaults["steps"])
-            with torch.no_grad():
-                return consistency_sample(self.denoiser, noise, n_steps, cond=cond, generator=generator,
-                                          return_trajectory=return_trajectory)
-        grid_kind = grid or defaults["grid"]
         w = defaults.get("guidance", 1.0) if guidance is None else guidance
-        denoiser = self.denoiser
-        per_call = 1
-        if cond is not None and self.num_classes is not None and w != 1.0:
-            denoiser = GuidedDenoiser(self.denoiser, w, null_label=self.num_classes)
-            per_call = 2
+        denoiser = guided_if_needed(self.denoiser, w, cond, self.num_classes)
         if steps is None:
+            per_call = int(getattr(denoiser, "nfe_per_call", 1))
             steps = steps_for_nfe(method, max(1, nfe // per_call)) if nfe is not None else defaults["steps"]
-        times = make_grid(grid_kind, self.schedule, steps)
         with torch.no_grad():
-            return sample(denoiser, self.schedule, times, noise, method=method, cond=cond,
-                          return_trajectory=return_trajectory, generator=generator)
+            return sample(denoiser, self.schedule, grid or defaults.get("grid", "edm"), noise, method=method,
+                          steps=steps, cond=cond, return_trajectory=return_trajectory, generator=generator)
 
+    @staticmethod
+    def student_steps(spec: dict[str, Any], nfe: int) -> int:
+        """Of the kept students (spec["students"]: {"<steps>": "<subdir>"}), the most steps <= nfe (else the fewest)."""
+        counts = sorted(int(k) for k in spec["students"])
+        return max([c for c in counts if c <= nfe], default=counts[0])
 
     def student_for(self, nfe: int) -> "LoadedModel":
-        """The kept student (spec["students"]: {"<steps>": "<subdir>"}) with the most steps <= nfe (else the fewest)."""
-        counts = sorted(int(k) for k in self.spec["students"])
-        chosen = max([c for c in counts if c <= nfe], default=counts[0])
-        return load_denoiser(self.directory / self.spec["students"][str(chosen)])
+        return load_denoiser(self.directory / self.spec["students"][str(self.student_steps(self.spec, nfe))])
 
 
 def load_denoiser(directory: Path | str) -> LoadedModel:

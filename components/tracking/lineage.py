@@ -22,6 +22,7 @@ from components.io import read_json, tree_digest
 MANIFEST = "manifest.json"
 RUN_RECORD = "run.json"
 OUTPUT_DIGEST_TAG = "output.digest"
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 PARENT_RUN_ENV = "PIPELINE_PARENT_RUN_ID"  # set by the pipeline flow so stage runs nest under its run
 
 
@@ -169,19 +170,24 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def ensure_experiment(name: str, tracking_uri: str, repo_root: Path) -> None:
     """Select the experiment, creating it with an absolute artifact root for a local sqlite store.
 
-    Without this MLflow stores artifacts under ./mlruns of whatever directory the process started in.
+    Without this MLflow stores artifacts under ./mlruns of whatever directory the process started in. The
+    experiment is tagged as model development (`mlflow.experimentKind`), MLflow's own switch that makes its UI
+    open the experiment on the runs table instead of the GenAI overview ("Traces").
     """
     import mlflow
 
-    if mlflow.get_experiment_by_name(name) is None:
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
         location = None
         if tracking_uri.startswith("sqlite:///"):
             db = Path(tracking_uri.removeprefix("sqlite:///"))
             location = (db.parent / "mlartifacts").resolve().as_uri()
         try:
-            mlflow.create_experiment(name, artifact_location=location)
+            mlflow.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except mlflow.exceptions.MlflowException:  # created concurrently by another stage
             pass
+    elif experiment.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made before the tag existed
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     mlflow.set_experiment(name)
 
 
@@ -216,6 +222,7 @@ class StageRun:
         self.extra_tags = extra_tags or {}
         self.run_id: Optional[str] = None
         self.parent_run_id = os.environ.get(PARENT_RUN_ENV) or None
+        self.child_run_ids: list[str] = []
         self.tags: dict[str, str] = {}
 
     def __enter__(self) -> "StageRun":
@@ -281,6 +288,7 @@ class StageRun:
                     "git.commit": self.tags.get("git.commit", "unknown"),
                     **{k: str(v) for k, v in (tags or {}).items()}}
         with mlflow.start_run(run_name=name, nested=True, tags=all_tags) as run:
+            self.child_run_ids.append(run.info.run_id)
             if params:
                 mlflow.log_params({k: ("null" if v is None else v) for k, v in flatten(params).items()})
             yield ChildRun(run.info.run_id, mlflow)

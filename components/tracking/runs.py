@@ -74,6 +74,43 @@ class PipelineRun:
         self._client.set_terminated(self.run_id, status="FAILED" if exc_type else "FINISHED")
 
 
+INVOCATION_TAG = "dvc.invocation"
+
+
+def open_invocation_run(experiment: str, tracking_uri: str, repo_root: Path, invocation: str, run_name: str,
+                        params: Optional[dict[str, Any]] = None, extra_tags: Optional[dict[str, Any]] = None) -> str:
+    """The parent run of one `dvc repro` / `dvc exp run` invocation, shared by the stages it runs one after
+    another: found by its `dvc.invocation` tag (set RUNNING again) or created (tags as `PipelineRun`, params
+    `override.*`). Each stage ends it with `close_invocation_run`, so nothing stays RUNNING between stages."""
+    from mlflow import MlflowClient
+
+    ensure_experiment(experiment, tracking_uri, repo_root)
+    client = MlflowClient(tracking_uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{INVOCATION_TAG}` = '{invocation}'",
+                               max_results=1)
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id
+    tags = {"pipeline": "true", INVOCATION_TAG: invocation, "git.commit": git_commit(repo_root) or "unknown",
+            "dvc.lock.digest.start": dvc_lock_digest(repo_root) or "none",
+            **{k: str(v) for k, v in (extra_tags or {}).items()}}
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    for key, value in flatten(params or {}).items():
+        client.log_param(run_id, key, "null" if value is None else str(value)[:6000])
+    return run_id
+
+
+def close_invocation_run(tracking_uri: str, run_id: str, repo_root: Path, stage: str, failed: bool) -> None:
+    """Record the stage's outcome on the invocation run and end it (FAILED if the stage failed)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    client.set_tag(run_id, f"stage.{stage}.outcome", "Failed" if failed else "Ran")
+    client.set_tag(run_id, "dvc.lock.digest", dvc_lock_digest(repo_root) or "none")
+    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
 def upstream_run_ids(tags: dict[str, str]) -> dict[str, str]:
     """`upstream.<stage>.run_id` tags of a run as {stage: run id}."""
     return {key[len(UPSTREAM_PREFIX):-len(UPSTREAM_SUFFIX)]: value for key, value in tags.items()

@@ -38,6 +38,6 @@ def test_lineage_digest_comes_from_dvc_lock_after_repro(project):
 
     locked = dvc_locked_hash(project, "data/shards")
     assert locked and locked.endswith(".dir")
-    rec = describe_input(project, "data/shards")
+    rec = describe_input(project, "data/shards", "shard")
     assert rec["digest"] == locked and rec["digest_source"] == "dvc.lock"
     assert rec["stage"] == "shard" and rec["run_id"]

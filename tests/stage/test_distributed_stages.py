@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from components.io import free_port
-from tests.conftest import project_env, run_flows, set_params
+from tests.conftest import project_env, run_flows, run_record, set_params
 
 TINY = {"steps": 4000, "batch_size": 128, "checkpoint_every": 20, "log_every": 10, "plot_samples": 100,
         "warmup_steps": 5, "lr": 0.003}
@@ -74,8 +74,7 @@ def test_two_nodes_meet_at_a_loopback_rendezvous_and_train_the_teacher(sharded):
     assert node1.returncode == 0, node1.stderr.read()[-3000:]
     m = _metrics(sharded)
     assert m["processes"] == 2 and m["steps"] == 30
-    manifest = json.loads((sharded / "models/teacher/manifest.json").read_text())
-    assert manifest["lineage"]["mlflow_run_id"] and (sharded / "models/teacher/model.pt").is_file()
+    assert run_record(sharded, "teacher")["mlflow_run_id"] and (sharded / "models/teacher/model.pt").is_file()
     assert listeners and listeners <= {"127.0.0.1", "::1"}, listeners
 
 

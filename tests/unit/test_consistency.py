@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from components.diffusion import Denoiser, GaussianData, make_schedule
-from components.diffusion.consistency import (ConsistencyFunction, consistency_sample, edm_denoise, heun_edm_step,
-                                              karras_sigmas, multistep_sigmas, pseudo_huber)
+from components.diffusion.consistency import (ConsistencyFunction, edm_denoise, heun_edm_step, karras_sigmas,
+                                              pseudo_huber)
+from components.diffusion.samplers import sample, sampling_grid
 from components.models import build_model
 from components.objectives.consistency import ConsistencyObjective, ConsistencyPair
 
@@ -49,9 +50,13 @@ def test_karras_grid_and_multistep_sigmas():
     i = torch.arange(18, dtype=torch.float64)
     closed = (SIGMA_MIN ** (1 / 7) + i / 17 * (SIGMA_MAX ** (1 / 7) - SIGMA_MIN ** (1 / 7))) ** 7
     assert torch.allclose(s, closed, rtol=1e-12)
-    assert multistep_sigmas(1, SIGMA_MIN, SIGMA_MAX) == [SIGMA_MAX]
-    two = multistep_sigmas(2, SIGMA_MIN, SIGMA_MAX)
-    assert two[0] == SIGMA_MAX and math.isclose(two[1], ((SIGMA_MAX ** (1 / 7) + SIGMA_MIN ** (1 / 7)) / 2) ** 7)
+    edm = make_schedule("edm", t_min=SIGMA_MIN, t_max=SIGMA_MAX)
+    assert sampling_grid("consistency", "edm", edm, 1).tolist() == [SIGMA_MAX, 0.0]
+    two = sampling_grid("consistency", "edm", edm, 2).tolist()
+    assert two[0] == SIGMA_MAX and two[2] == 0.0
+    assert math.isclose(two[1], ((SIGMA_MAX ** (1 / 7) + SIGMA_MIN ** (1 / 7)) / 2) ** 7)
+    # logsnr: geometric in sigma, so the one intermediate level of 2 steps is sqrt(sigma_min sigma_max)
+    assert math.isclose(sampling_grid("consistency", "logsnr", edm, 2).tolist()[1], math.sqrt(SIGMA_MIN * SIGMA_MAX))
 
 
 def exact_consistency_function(gauss, edm):
@@ -148,8 +153,9 @@ def test_multistep_sampler_counts_nfe_and_one_step_is_f_of_noise():
     f = ConsistencyFunction(random_denoiser(), SIGMA_MIN, SIGMA_MAX).eval()
     noise = torch.randn(16, 2, dtype=torch.float64)
     with torch.no_grad():
-        one = consistency_sample(f, noise, 1)
+        one = sample(f, f.schedule, "edm", noise, method="consistency", steps=1)
         assert one.nfe == 1 and torch.allclose(one.x, f(SIGMA_MAX * noise, torch.full((16,), SIGMA_MAX, dtype=torch.float64)))
         for steps in (2, 4):
-            r = consistency_sample(f, noise, steps, generator=torch.Generator().manual_seed(0), return_trajectory=True)
+            r = sample(f, f.schedule, "edm", noise, method="consistency", steps=steps,
+                       generator=torch.Generator().manual_seed(0), return_trajectory=True)
             assert r.nfe == steps and len(r.trajectory) == steps + 1

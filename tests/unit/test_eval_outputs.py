@@ -193,3 +193,20 @@ def test_sweep_output_plugs_into_valid_metrics(tmp_path):
     nfe = nfe_sweep(_shrinking_generator([]), [1, 2], noise, None, make_2d_score_fn(real_b, floor))
     metrics = {"dataset": "gaussian", "floor": floor, "models": {"teacher": {"nfe": nfe}}}
     validate_metrics_schema(json.loads(json.dumps(metrics)))
+
+
+def test_progress_repeats_the_current_step_while_it_runs_long():
+    import time
+
+    from components.evaluation.protocol import Progress
+
+    lines: list[str] = []
+    progress = Progress(lines.append, heartbeat=0.3)
+    progress("teacher NFE 64: default sampler on 10000 points")
+    time.sleep(1.6)
+    progress.close()
+    beats = [line for line in lines if "still on: teacher NFE 64" in line]
+    assert 2 <= len(beats) <= 5, lines
+    count = len(lines)
+    time.sleep(0.5)
+    assert len(lines) == count  # closed: no more lines

@@ -155,3 +155,31 @@ def test_stage_inputs_and_their_producers_come_from_dvc_yaml():
     assert producers["data/shards"] == "shard" and producers["models/teacher"] == "teacher"
     assert stage_inputs(REPO, importlib.import_module(STAGES["teacher"]).SPEC) == ("data/shards",)
     assert stage_inputs(REPO, importlib.import_module(STAGES["reflow"]).SPEC) == ("data/couplings/shards", "models/teacher")
+
+
+def test_git_ignores_cached_outputs_and_tracks_metrics():
+    """Cached outputs are DVC's (git must not pick them up); metrics files are git's (they travel with commits)."""
+    import subprocess
+
+    outs, metrics = [], []
+    for stage in read_dvc_yaml()["stages"].values():
+        for entry in stage.get("outs") or []:
+            cached = isinstance(entry, str) or (next(iter(entry.values())) or {}).get("cache", True)
+            (outs if cached else metrics).append(dep_paths({"deps": [entry]})[0])
+        metrics += dep_paths({"deps": stage.get("metrics") or []})
+
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO).returncode == 0
+
+    assert [p for p in outs if not ignored(p)] == []
+    assert [p for p in metrics if ignored(p)] == []
+
+
+def test_a_run_id_in_an_output_manifest_is_refused():
+    import pytest
+
+    from flows.stage import check_no_run_ids
+
+    check_no_run_ids("reflow", {"rounds": [{"round": 1, "loss": 0.1}]}, ["a" * 32])
+    with pytest.raises(RuntimeError, match="ctx.record"):
+        check_no_run_ids("reflow", {"rounds": [{"round": 1, "mlflow_run_id": "a" * 32}]}, ["b" * 32, "a" * 32])
