@@ -261,7 +261,7 @@ def evaluate_with_progress(ctx: StageContext, progress: protocol.Progress, skipp
         metrics["dpo"] = dpo_block(ctx, models, reference, kind, data_manifest["shape"])
     validate_metrics_schema(metrics)
 
-    head = {"metric": f"{metric}_ratio", "protocol": 2, "models": protocol.headline(results, metric)}
+    head = {"metric": f"{metric}_ratio", "models": protocol.headline(results, metric)}
     write_json(ctx.path(HEADLINE_FILE), head)
     write_results_csv(protocol.results_rows(results), report / "results.csv")
     lineage = lineage_rows(ctx)

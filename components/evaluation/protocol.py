@@ -355,8 +355,9 @@ def headline(models: dict[str, dict[str, Any]], metric: str) -> dict[str, dict[s
                 row[f"nfe{nfe}"] = round(cell[key], 4)
                 row[f"nfe{nfe}_ci"] = [round(v, 4) for v in cell[f"{key}_ci"]]
         nfe, cell = best_cell(entry, metric)
-        row.update({"best": round(cell[key], 4), "best_ci": [round(v, 4) for v in cell[f"{key}_ci"]],
-                    "best_nfe": int(nfe)})
+        lo, hi = (round(v, 4) for v in cell[f"{key}_ci"])
+        # best_lo / best_hi as numbers: `dvc metrics show` / `dvc exp show` skip lists (the nfe<N>_ci stay in the file)
+        row.update({"best": round(cell[key], 4), "best_lo": lo, "best_hi": hi, "best_nfe": int(nfe)})
         out[name] = row
     return out
 
