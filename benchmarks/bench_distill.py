@@ -2,8 +2,8 @@
 
     python benchmarks/bench_distill.py [--teacher-dir DIR] [--shards DIR] [--pd-steps 300] [--cd-steps 800]
 
-Uses the default params (params.yaml schema defaults) and the stages' own code paths (flows.progressive.train_round,
-ConsistencyObjective on the one Trainer). Metric: sliced-W2 against 2000 held-out samples, as a ratio to the floor
+Uses the default params (params.yaml schema defaults) and the stages' own code paths (progressive_distillation and
+the consistency task of the one training recipe). Metric: sliced-W2 against 2000 held-out samples, as a ratio to the floor
 (the same metric between two disjoint real halves). Targets (issue 7): best 1-step student <= 1.5x the teacher's
 best SW2, best 2-step student <= 1.2x. Writes benchmarks/results/distill.json.
 """
@@ -12,26 +12,26 @@ from __future__ import annotations
 import sys
 
 import argparse
+import contextlib
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from components.config import ConsistencyParams, DataParams, ModelParams, ProgressiveParams, TeacherParams
-from components.data.loader import infinite_batches, make_loader
 from components.data.shards import read_shard_manifest, read_split, write_shards
 from components.data.sources import load_source
 from components.evaluation.metrics import sliced_wasserstein2
 from components.io import write_json
-from components.models.store import build_denoiser, load_denoiser, save_denoiser
-from components.objectives.consistency import ConsistencyObjective, ConsistencyPair
-from components.training.denoiser_training import objective_config, teacher_spec, train_denoiser
-from components.training.trainer import Trainer, TrainConfig
-from flows.consistency import student_spec
-from flows.progressive import train_round
+from components.models.store import WEIGHTS_FILE, load_denoiser, save_spec
+from components.training.denoiser_training import denoiser_task, objective_config, teacher_spec
+from components.training.distillation import (consistency_objective_settings, consistency_spec, consistency_task,
+                                              progressive_distillation)
+from components.training.recipe import TrainJob, run_job, task_ref
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -57,9 +57,10 @@ def main() -> None:
         p = TeacherParams()
         spec = teacher_spec(manifest, ModelParams(), p)
         args.teacher_dir = tmp / "teacher"
-        train_denoiser(spec, objective_config(spec, p), shards, p.trainer_kwargs(), tmp / "ckpt-teacher",
-                       args.teacher_dir / "model.pt", progress=False)
-        save_denoiser(args.teacher_dir, torch.load(args.teacher_dir / "model.pt"), spec)
+        run_job(TrainJob(task_ref(denoiser_task), {"spec": spec, "objective": objective_config(spec, p), "shards": str(shards)},
+                         p.train_config(progress_bar=False).model_dump(mode="json"), str(tmp / "ckpt-teacher"),
+                         str(args.teacher_dir / WEIGHTS_FILE)))
+        save_spec(args.teacher_dir, spec)
     teacher = load_denoiser(args.teacher_dir)
     val = torch.from_numpy(read_split(shards, "val")[0])
     ref, half_a, half_b = val[: args.n_eval], val[: len(val) // 2], val[len(val) // 2:]
@@ -74,33 +75,22 @@ def main() -> None:
     results = {"floor_sw2": floor, "teacher": {n: score(teacher, n) for n in (1, 2, 4, 8, 16, 32, 64)}}
     print("teacher", {k: round(v, 2) for k, v in results["teacher"].items()}, flush=True)
 
-    pd = ProgressiveParams(**({"steps": args.pd_steps} if args.pd_steps else {}))
-    start, previous, n = time.time(), teacher.denoiser, pd.teacher_steps // 2
-    results["progressive"] = {}
-    while n >= 1:
-        spec = {**teacher.spec, "sampler": {**teacher.spec["sampler"], "method": "ddim", "grid": "uniform", "steps": n}}
-        out = tmp / f"pd_{n}"
-        train_round(spec, previous, n, shards, {**pd.trainer_kwargs(), "progress_bar": False}, pd.weighting,
-                    tmp / f"ckpt-pd-{n}", out / "model.pt", None)
-        save_denoiser(out, torch.load(out / "model.pt"), spec)
-        student = load_denoiser(out)
-        results["progressive"][n] = score(student, n)
-        previous, n = student.denoiser, n // 2
+    pd = ProgressiveParams(progress_bar=False, **({"steps": args.pd_steps} if args.pd_steps else {}))
+    start = time.time()
+    _, _ = progressive_distillation(teacher, shards, pd, tmp / "ckpt-pd", tmp / "pd", _untracked_child)
+    results["progressive"] = {int(n): score(load_denoiser(tmp / "pd" / f"steps_{n}"), int(n))
+                              for n in (2 ** k for k in range(pd.teacher_steps.bit_length() - 1))}
     results["progressive_seconds"] = round(time.time() - start, 1)
     print("progressive", results["progressive"], results["progressive_seconds"], "s", flush=True)
 
-    cd = ConsistencyParams(**({"steps": args.cd_steps} if args.cd_steps else {}))
-    spec = student_spec({k: v for k, v in teacher.spec.items() if k != "sampler"}, cd)
-    student = build_denoiser(spec)
-    student.denoiser.load_state_dict(teacher.denoiser.state_dict())
-    objective = ConsistencyObjective(mode="distill", teacher=teacher.denoiser, sigma_min=cd.sigma_min,
-                                     sigma_max=cd.sigma_max, n_scales=cd.n_scales, rho=cd.rho, target=cd.target,
-                                     target_ema=cd.target_ema, huber_c=cd.huber_c)
-    config = TrainConfig(**cd.trainer_kwargs(), progress_bar=False)
+    cd = ConsistencyParams(progress_bar=False, **({"steps": args.cd_steps} if args.cd_steps else {}))
+    spec = consistency_spec({k: v for k, v in teacher.spec.items() if k != "sampler"}, cd)
     start = time.time()
-    trainer = Trainer(ConsistencyPair(student), objective, config, tmp / "ckpt-cd")
-    trainer.fit(infinite_batches(make_loader(shards, "train", config.batch_size, shuffle=True, drop_last=True)))
-    save_denoiser(tmp / "cd", ConsistencyPair.student_state_dict(trainer.ema_state_dict()), spec)
+    run_job(TrainJob(task_ref(consistency_task), {"spec": spec, "teacher": str(args.teacher_dir),
+                                     "objective": consistency_objective_settings(cd), "origin": "bench",
+                                     "shards": str(shards)},
+                     cd.train_config().model_dump(mode="json"), str(tmp / "ckpt-cd"), str(tmp / "cd" / WEIGHTS_FILE)))
+    save_spec(tmp / "cd", spec)
     results["consistency_seconds"] = round(time.time() - start, 1)
     cm = load_denoiser(tmp / "cd")
     results["consistency"] = {n: score(cm, n) for n in (1, 2, 4)}
@@ -114,6 +104,12 @@ def main() -> None:
     print("targets", results["targets"], flush=True)
     RESULTS.mkdir(exist_ok=True)
     write_json(RESULTS / "distill.json", results)
+
+
+@contextlib.contextmanager
+def _untracked_child(name, params=None, tags=None):
+    """Stands in for an MLflow child run: the benchmark logs nothing."""
+    yield SimpleNamespace(run_id=None, log_metrics=lambda metrics, step=None: None)
 
 
 if __name__ == "__main__":

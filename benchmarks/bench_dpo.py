@@ -1,6 +1,6 @@
 """Diffusion-DPO on the default data: win rate over the reference on held-out seeds and quality drift, as beta varies.
 
-Same code path as the preferences and dpo stages (collect_pairs, fine_tune_dpo, evaluate_alignment), without
+Same code path as the preferences and dpo stages (collect_pairs, the recipe's dpo task, evaluate_alignment), without
 DVC/Prefect/MLflow. The teacher (default params: flow objective, MLP 256x4, 3000 steps) is trained once into
 --workdir and reused by later runs.
 
@@ -24,11 +24,12 @@ from components.data.sources import load_source
 from components.io import write_json
 from components.models.store import SPEC_FILE, WEIGHTS_FILE, load_denoiser
 from components.preferences.alignment import evaluate_alignment, heldout_implicit_accuracy
-from components.preferences.finetune import fine_tune_dpo, time_sampler_for
-from components.preferences.pairs import collect_pairs
+from components.preferences.finetune import dpo_task, time_sampler_for
+from components.preferences.pairs import collect_pairs, write_pair_shards
 from components.preferences.rewards import make_reward
 from components.objectives.dpo import default_mse_target
-from components.training.denoiser_training import objective_config, set_torch_threads, teacher_spec, train_denoiser
+from components.training.denoiser_training import denoiser_task, objective_config, teacher_spec
+from components.training.recipe import TrainJob, run_job, set_torch_threads, task_ref
 
 
 def prepare_teacher(workdir: Path, teacher_steps: int) -> Path:
@@ -46,8 +47,9 @@ def prepare_teacher(workdir: Path, teacher_steps: int) -> Path:
         params = TeacherParams(steps=teacher_steps, batch_size=512)
         spec = teacher_spec(read_shard_manifest(shards), ModelParams(), params)
         started = time.time()
-        train_denoiser(spec, objective_config(spec, params), shards, params.trainer_kwargs(),
-                       workdir / "ckpt_teacher", teacher / WEIGHTS_FILE, progress=False)
+        run_job(TrainJob(task_ref(denoiser_task), {"spec": spec, "objective": objective_config(spec, params), "shards": str(shards)},
+                         params.train_config(progress_bar=False).model_dump(mode="json"), str(workdir / "ckpt_teacher"),
+                         str(teacher / WEIGHTS_FILE)))
         (teacher / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True))
         print(f"teacher trained in {time.time() - started:.0f} s")
     return teacher
@@ -76,18 +78,19 @@ def main() -> None:
     train_pairs, heldout_pairs = pairs.split(dpo.holdout_fraction, dpo.seed)
     val_x, val_y = read_split(args.workdir / "shards", "val")
     real_x, real_y = torch.from_numpy(val_x), torch.from_numpy(val_y)
-    train = dpo.trainer_kwargs()
-    if args.steps:
-        train["steps"] = args.steps
-    if args.lr:
-        train["lr"] = args.lr
+    pair_dir = args.workdir / "pairs"
+    pair_dir.mkdir(parents=True, exist_ok=True)
+    write_pair_shards(pairs, pair_dir, info={"reward": prefs.reward.model_dump()})
+    train = dpo.train_config(progress_bar=False, **({"steps": args.steps} if args.steps else {}),
+                             **({"lr": args.lr} if args.lr else {})).model_dump(mode="json")
     results = {"pairs": len(pairs), "collect_seconds": round(collect_seconds, 1), "train": train,
                "reward": prefs.reward.model_dump(), "betas": {}}
     for beta in args.betas or [dpo.beta]:
         out = args.workdir / f"dpo_beta{beta:g}"
         started = time.time()
-        fine_tune_dpo(reference, train_pairs, beta=beta, train={**train}, checkpoint_dir=out / "ckpt",
-                      export_path=out / "model" / WEIGHTS_FILE, progress=False)
+        run_job(TrainJob(task_ref(dpo_task), {"reference": str(teacher_dir), "pairs": str(pair_dir), "beta": beta,
+                                 "holdout_fraction": dpo.holdout_fraction, "split_seed": dpo.seed},
+                         train, str(out / "ckpt"), str(out / "model" / WEIGHTS_FILE)))
         seconds = time.time() - started
         (out / "model" / SPEC_FILE).write_text((teacher_dir / SPEC_FILE).read_text())
         tuned = load_denoiser(out / "model")

@@ -26,24 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from components.config import CouplingsParams, ReflowParams  # noqa: E402  (after the path insert)
 from components.data.shards import read_split
-from components.diffusion.grids import make_grid
-from components.diffusion.samplers import sample
-from components.evaluation.metrics import disjoint_subsets, sliced_wasserstein2, straightness
+from components.evaluation.metrics import disjoint_subsets, sliced_wasserstein2
 from components.io import write_json
-from components.models.store import load_denoiser
-from components.objectives.reflow import EulerDistillObjective, ReflowObjective
-from components.training.denoiser_training import set_torch_threads
-from components.training.reflow_training import (coupling_error, chunk_noise, generate_couplings,
-                                                 loaded_from_state, student_spec, train_on_coupling)
+from components.models.store import WEIGHTS_FILE, load_denoiser, model_from_weights
+from components.training.recipe import TrainJob, run_job, set_torch_threads, task_ref
+from components.training.reflow_training import (coupling_error, chunk_noise, coupling_task, generate_couplings,
+                                                 path_straightness,
+                                                 student_spec, write_coupling_shards)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def euler_straightness(model, noise, steps: int = 32) -> float:
-    grid = make_grid("uniform", model.schedule, steps)
-    with torch.no_grad():
-        result = sample(model.denoiser, model.schedule, grid, noise, method="euler", return_trajectory=True)
-    return straightness(result.trajectory, grid)
 
 
 def main() -> None:
@@ -66,7 +57,16 @@ def main() -> None:
     z_check, _ = chunk_noise(cp.seed, 0, cp.error_samples, [2], None)
     out["coupling_relative_error"] = coupling_error(teacher, z_check, None, cp.nfe, cp.solver)
     spec = student_spec(teacher.spec, rp.sampler_steps)
-    model, state = teacher, teacher.denoiser.state_dict()
+    model, weights = teacher, args.teacher / WEIGHTS_FILE
+
+    def train_on(couplings_dir: Path, init: Path, objective: dict, steps: int, work: Path) -> Path:
+        job = TrainJob(task_ref(coupling_task), {"spec": spec, "init": str(init), "objective": objective,
+                                    "couplings": str(couplings_dir)},
+                       rp.train_config(steps=steps, progress_bar=False).model_dump(mode="json"), str(work / "ckpt"),
+                       str(work / "export.pt"))
+        run_job(job)
+        return Path(job.export)
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         timings = []
@@ -75,19 +75,21 @@ def main() -> None:
             z, x, y, _ = generate_couplings(model, cp.count, cp.batch_size, cp.nfe, cp.solver,
                                             cp.seed + 7919 * (round_no - 1), tmp / f"c{round_no}", progress=False)
             generated = time.time()
-            train_on_coupling(spec, state, ReflowObjective(), (z, x, y), rp.trainer_kwargs(), tmp / f"k{round_no}",
-                              tmp / f"m{round_no}.pt", progress=False)
-            state = torch.load(tmp / f"m{round_no}.pt", weights_only=True)
-            model = loaded_from_state(spec, state, tmp)
+            couplings_dir = tmp / f"c{round_no}" / "shards"
+            couplings_dir.mkdir(parents=True)
+            write_coupling_shards(couplings_dir, z, x, y, samples_per_shard=cp.samples_per_shard,
+                                  samples_per_record=cp.samples_per_record)
+            weights = train_on(couplings_dir, weights, {"name": "reflow", "p_uncond": 0.0, "num_classes": None},
+                               rp.steps, tmp / f"k{round_no}")
+            model = model_from_weights(spec, weights)
             timings.append({"couplings_seconds": round(generated - started, 1),
                             "train_seconds": round(time.time() - generated, 1)})
         rectified = model
         if rp.distill_nfe:  # as the stage: distil the k-RF model on the last round's coupling
             started = time.time()
-            distill_train = {**rp.trainer_kwargs(), "steps": rp.distill_steps}
-            train_on_coupling(spec, state, EulerDistillObjective(rp.distill_nfe), (z, x, y), distill_train,
-                              tmp / "distill", tmp / "distilled.pt", progress=False)
-            model = loaded_from_state(spec, torch.load(tmp / "distilled.pt", weights_only=True), tmp)
+            weights = train_on(couplings_dir, weights, {"name": "euler_distill", "nfe": rp.distill_nfe},
+                               rp.distill_steps, tmp / "distill")
+            model = model_from_weights(spec, weights)
             timings.append({"distill_seconds": round(time.time() - started, 1)})
         out["timings"] = timings
 
@@ -102,8 +104,8 @@ def main() -> None:
         if nfe <= 8:
             sw["rectified"][nfe] = sliced_wasserstein2(rectified.sample(noise, nfe=nfe).x, reference)
             sw["reflow"][nfe] = sliced_wasserstein2(model.sample(noise, nfe=nfe).x, reference)
-    s_teacher, s_reflow = euler_straightness(teacher, noise), euler_straightness(rectified, noise)
-    out["straightness_distilled"] = euler_straightness(model, noise)
+    s_teacher, s_reflow = path_straightness(teacher, noise, None), path_straightness(rectified, noise, None)
+    out["straightness_distilled"] = path_straightness(model, noise, None)
     best_teacher = min(sw["teacher"].values())
     out.update({"floor_sw2": floor, "sw2": sw, "straightness": {"teacher": s_teacher, "reflow": s_reflow},
                 "targets": {

@@ -75,7 +75,7 @@ def stage_round(spec, objective, shards: Path, train: dict, steps: int, workdir:
     torch.manual_seed(0)
     denoiser = build_denoiser(spec)
     loss_fn = make_objective(objective["name"], **objective["kwargs"])
-    config = TrainConfig(**{**train, "steps": steps}, progress_bar=True)
+    config = TrainConfig(**{**train, "steps": steps, "progress_bar": True})
     loader = make_loader(shards, "train", config.micro_batch_size(1), shuffle=True, seed=config.seed, drop_last=True)
     logged = []
     trainer = Trainer(denoiser, clock.wrap("forward (loss_fn)", loss_fn), config, workdir,
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = read_shard_manifest(shards)
         spec = teacher_spec(manifest, params.model, params.teacher)
         objective = objective_config(spec, params.teacher)
-        train = params.teacher.trainer_kwargs()
+        train = params.teacher.train_config().model_dump()
         threads = set_torch_threads(spec, params.teacher.torch_threads)
         micro = TrainConfig(**train).micro_batch_size(1)
         stream = infinite_batches(make_loader(shards, "train", micro, shuffle=True, seed=train["seed"],

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_teacher.py [--objectives edm eps flow] [--milestones 500 1000 2000 3000]
 
-Trains with the real Trainer (same code path as the teacher stage: train_denoiser on WebDataset shards), and at
+Trains with the real Trainer (same code path as the teacher stage: the recipe's denoiser task on WebDataset shards), and at
 each milestone evaluates sliced-W2 and MMD against the held-out split at several NFE, as ratios to the floor
 (the same metric between two disjoint real sets). Also reports the fraction of samples on the board's black
 squares (1.0 for data, ~0.5 for a Gaussian blob). Writes benchmarks/results/teacher.json.
@@ -26,7 +26,8 @@ from components.data.sources import load_source
 from components.evaluation.metrics import mmd_rbf, sliced_wasserstein2
 from components.io import write_json
 from components.models.store import load_denoiser, save_denoiser
-from components.training.denoiser_training import objective_config, teacher_spec, train_denoiser
+from components.training.denoiser_training import denoiser_task, objective_config, teacher_spec
+from components.training.recipe import TrainJob, run_job, task_ref
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -64,9 +65,10 @@ def main() -> None:
             ckpt, out = tmp / f"ckpt-{name}", tmp / f"model-{name}"
             rows, trained_seconds = [], 0.0
             for milestone in args.milestones:
-                train = {**p.trainer_kwargs(), "steps": milestone, "checkpoint_every": milestone}
+                train = p.train_config(steps=milestone, checkpoint_every=milestone, progress_bar=False)
                 start = time.time()
-                train_denoiser(spec, objective, shards, train, ckpt, out / "model.pt", progress=False)
+                run_job(TrainJob(task_ref(denoiser_task), {"spec": spec, "objective": objective, "shards": str(shards)},
+                                 train.model_dump(mode="json"), str(ckpt), str(out / "model.pt")))
                 trained_seconds += time.time() - start
                 save_denoiser(out, torch.load(out / "model.pt"), spec)
                 model = load_denoiser(out)

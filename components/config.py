@@ -84,30 +84,72 @@ class SamplerParams(Section):
     guidance: float = Field(1.0, ge=0.0)  # classifier-free guidance weight w (1 = plain conditional)
 
 
-class TrainParams(Section):
-    """Optimisation knobs shared by every training stage (the one Trainer)."""
+class TrainConfig(Section):
+    """The optimisation settings of the one Trainer: the only schema of training settings. Stage sections
+    (TeacherParams, ReflowParams, ...) extend it through TrainParams with their own defaults.
 
-    steps: int = Field(3000, ge=1)
-    batch_size: int = Field(1024, ge=1)  # global, over all processes and accumulation steps
-    lr: float = Field(2e-3, gt=0.0)
-    warmup_steps: int = Field(100, ge=0)
+    ``batch_size`` is global (all ranks, all accumulation micro-steps); each micro-batch the Trainer gets holds
+    ``batch_size / (world_size * grad_accum)`` samples. ``checkpoint_every = 0`` saves only at the end;
+    ``grad_clip = 0`` disables clipping.
+    """
+
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(256, ge=1)  # global, over all processes and accumulation steps
+    lr: float = Field(1e-3, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, ge=0.0)
     grad_accum: int = Field(1, ge=1)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
-    zero_stage: Literal[0, 1, 2] = 0
+    zero_stage: Literal[0, 1, 2] = 0  # DeepSpeed ZeRO stage
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    checkpoint_every: int = Field(500, ge=0)
+    checkpoint_every: int = Field(0, ge=0)
     log_every: int = Field(50, ge=1)
-    torch_threads: int = Field(0, ge=0)  # 0 = auto: 1 for the MLP (threads only add sync cost), all cores for the UNet
+    keep_checkpoints: int = Field(2, ge=1)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    progress_bar: bool = True
     seed: int = 0
 
-    def trainer_kwargs(self) -> dict:
-        """The subset of these params that components.training.TrainConfig takes."""
-        return self.model_dump(include=set(TrainParams.model_fields) - {"torch_threads"})
+    def resolved_precision(self) -> str:
+        """"auto" -> "bf16" when CUDA is available, else "fp32"."""
+        if self.precision == "auto":
+            import torch
+
+            return "bf16" if torch.cuda.is_available() else "fp32"
+        return self.precision
+
+    def micro_batch_size(self, world_size: int) -> int:
+        """Per-rank micro-batch size; raises ValueError when batch_size does not split evenly."""
+        divisor = world_size * self.grad_accum
+        if self.batch_size % divisor != 0:
+            raise ValueError(f"batch_size={self.batch_size} is not divisible by world_size={world_size} x "
+                             f"grad_accum={self.grad_accum} = {divisor}")
+        return self.batch_size // divisor
+
+
+# Settings that do not change what a run computes: a checkpoint written under other values resumes (raising
+# `steps` continues training).
+RESUMABLE_SETTINGS = ("steps", "checkpoint_every", "log_every", "keep_checkpoints", "progress_bar")
+
+
+class TrainParams(TrainConfig):
+    """A training stage's section: the Trainer's settings plus this process's threads (how many processes every
+    training stage runs on is the `distributed` section)."""
+
+    torch_threads: int = Field(0, ge=0)  # 0 = auto: 1 for the MLP (threads only add sync cost), all cores for the UNet
+
+    def train_config(self, **overrides: Any) -> TrainConfig:
+        """The Trainer's settings of this section (with `overrides`, validated)."""
+        values = self.model_dump(include=set(TrainConfig.model_fields))
+        return TrainConfig(**{**values, **overrides})
 
 
 class TeacherParams(TrainParams):
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(1024, ge=1)
+    lr: float = Field(2e-3, gt=0.0)
+    warmup_steps: int = Field(100, ge=0)
+    checkpoint_every: int = Field(500, ge=0)
     objective: Literal["edm", "eps", "flow"] = "flow"  # measured best on the default data (bench_teacher)
     conditional: bool = False  # class-conditional with label dropout (classifier-free guidance)
     p_uncond: float = Field(0.1, ge=0.0, le=1.0)

@@ -1,5 +1,5 @@
 """Small I/O building blocks shared by every stage: atomic output directories, JSON, content digests, file
-records a reader can verify, and a lock that names its holder."""
+records a reader can verify, a lock that names its holder, and a free port."""
 from __future__ import annotations
 
 import contextlib
@@ -192,3 +192,10 @@ def _parse_record(text: str) -> dict[str, Any]:
     except ValueError:
         return {}
     return record if isinstance(record, dict) else {}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a local server or a rank rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

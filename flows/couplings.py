@@ -1,8 +1,8 @@
-"""`couplings` stage: integrate the teacher's ODE from fixed-seed noise to get reflow pairs (z, x = teacher(z), label)
-and write them as WebDataset shards to data/couplings/pairs/ with a manifest (count, solver, NFE, teacher run id and
-weights digest). Finished chunks are kept in checkpoints/couplings/<fingerprint>/ (outside the DVC output), so an
-interrupted run regenerates only what is missing. The integration error is measured against a 4x-NFE solve and a
-warning names couplings.nfe when it exceeds couplings.max_error.
+"""`couplings` stage: integrate the teacher's ODE from fixed-seed noise to get reflow couplings (z, x = teacher(z),
+label) and write them as WebDataset shards to data/couplings/shards/ with a manifest (count, solver, NFE, teacher
+run id and weights digest). Finished chunks are kept in checkpoints/couplings/<fingerprint>/ (outside the DVC
+output), so an interrupted run regenerates only what is missing. The integration error is measured against a
+4x-NFE solve and a warning names couplings.nfe when it exceeds couplings.max_error.
 """
 from __future__ import annotations
 
@@ -13,20 +13,14 @@ import warnings
 
 from prefect import flow, get_run_logger
 
-from components.io import file_md5
-from components.models.store import WEIGHTS_FILE, load_denoiser
+from components.models.store import load_denoiser
 from components.objectives.reflow import transport_cost
-from components.training.denoiser_training import run_fingerprint, set_torch_threads
-from components.training.reflow_training import (chunk_noise, coupling_error, generate_couplings,
+from components.training.recipe import fingerprint, set_torch_threads
+from components.training.reflow_training import (chunk_noise, coupling_error, generate_couplings, teacher_identity,
                                                  write_coupling_shards)
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
-SPEC = StageSpec(name="couplings", output="data/couplings/pairs", sections=("couplings",))
-
-
-def teacher_identity(teacher_dir) -> dict:
-    """What identifies the teacher a coupling came from: its weights digest (its MLflow run is in the lineage)."""
-    return {"path": "models/teacher", "weights_md5": file_md5(teacher_dir / WEIGHTS_FILE)}
+SPEC = StageSpec(name="couplings", output="data/couplings/shards", sections=("couplings",))
 
 
 def make_couplings(ctx: StageContext) -> dict:
@@ -36,9 +30,9 @@ def make_couplings(ctx: StageContext) -> dict:
     set_torch_threads(teacher.spec)
     identity = teacher_identity(teacher_dir)
     settings = {"solver": p.solver, "nfe": p.nfe, "seed": p.seed, "batch_size": p.batch_size}
-    work_dir = ctx.path(f"checkpoints/couplings/{run_fingerprint(identity['weights_md5'], settings)}")
+    work_dir = ctx.path(f"checkpoints/couplings/{fingerprint(identity['weights_md5'], settings)}")
 
-    # Accuracy check on the first chunk's noise: the same pairs the stage writes, re-solved at 4x NFE.
+    # Accuracy check on the first chunk's noise: the same couplings the stage writes, re-solved at 4x NFE.
     z_check, y_check = chunk_noise(p.seed, 0, min(p.error_samples, p.batch_size), list(teacher.spec["data_shape"]),
                                    teacher.num_classes)
     error = coupling_error(teacher, z_check, y_check, p.nfe, p.solver)
@@ -63,11 +57,11 @@ def make_couplings(ctx: StageContext) -> dict:
     })
     shutil.rmtree(work_dir, ignore_errors=True)  # the chunks only serve a resume; the shards are the output
     return {"count": len(z), "nfe": p.nfe, "relative_error": error, "reused_chunks": reused,
-            "generate_seconds": round(seconds, 2), "pairs_per_sec": round((len(z)) / max(seconds, 1e-9), 1),
+            "generate_seconds": round(seconds, 2), "couplings_per_sec": round((len(z)) / max(seconds, 1e-9), 1),
             "transport_cost": transport_cost(z, x)}
 
 
-@flow(name="couplings", description="Teacher ODE couplings (z, x) for reflow -> data/couplings/pairs/ (WebDataset).")
+@flow(name="couplings", description="Teacher ODE couplings (z, x) for reflow -> data/couplings/shards/ (WebDataset).")
 def flow_fn():
     return run_stage_in_flow(SPEC, make_couplings)
 

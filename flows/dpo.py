@@ -8,7 +8,6 @@ to it), which is what evaluate needs for the win rate. Checkpoints: checkpoints/
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import sys
 import time
@@ -16,15 +15,13 @@ import time
 from prefect import flow
 
 from components.config import Params, load_params
-from components.errors import DataError, UserError
+from components.errors import UserError
 from components.io import write_json
-from components.models.store import SPEC_FILE, WEIGHTS_FILE, load_denoiser
+from components.models.store import WEIGHTS_FILE, load_denoiser, save_spec
 from components.objectives.dpo import default_mse_target
 from components.preferences.alignment import DPO_INFO_FILE, heldout_implicit_accuracy
-from components.preferences.finetune import fine_tune_dpo, time_sampler_for
-from components.preferences.pairs import read_pair_shards
-from components.training.denoiser_training import run_fingerprint, set_torch_threads
-from components.training.trainer import CheckpointMismatchError, NonFiniteLossError
+from components.preferences.finetune import dpo_pairs, dpo_task, time_sampler_for
+from components.training.recipe import checkpoint_dir, run_job, training_job
 from flows.runtime import repo_root
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
@@ -40,29 +37,19 @@ def train_dpo(ctx: StageContext) -> dict:
     p = ctx.params.dpo
     reference_rel = ctx.spec.inputs[1]
     reference = load_denoiser(ctx.path(reference_rel))
-    set_torch_threads(reference.spec, p.torch_threads)
-    pairs, pair_manifest = read_pair_shards(ctx.path("data/pairs"))
-    if list(pairs.x_w.shape[1:]) != list(reference.spec["data_shape"]):
-        raise DataError(f"data/pairs holds samples of shape {list(pairs.x_w.shape[1:])}, but {reference_rel} "
-                        f"models data of shape {reference.spec['data_shape']}")
-    train_pairs, heldout = pairs.split(p.holdout_fraction, p.seed)
-    train = p.trainer_kwargs()
-    if len(train_pairs) < train["batch_size"]:
-        raise DataError(f"dpo.batch_size={train['batch_size']} is more than the {len(train_pairs)} training pairs; "
-                        "lower it or collect more pairs (preferences.groups x k)")
-    resume_key = {k: v for k, v in train.items() if k not in ("steps", "checkpoint_every", "log_every")}
-    fingerprint = run_fingerprint(reference.spec, pair_manifest["digest"], p.beta, p.holdout_fraction, resume_key)
-    checkpoint_dir = ctx.path(f"checkpoints/dpo/{fingerprint}")
-    ctx.run.set_tags({"checkpoint_dir": checkpoint_dir.relative_to(ctx.repo), "beta": p.beta})
+    train_pairs, heldout, pair_manifest = dpo_pairs(reference, reference_rel, ctx.path("data/pairs"),
+                                                    p.holdout_fraction, p.seed)
+    root = checkpoint_dir(ctx.path("checkpoints/dpo"), p.train_config(), reference.spec, pair_manifest["digest"],
+                          p.beta, p.holdout_fraction)
+    ctx.run.set_tags({"checkpoint_dir": root.relative_to(ctx.repo), "beta": p.beta})
+    args = {"reference": str(reference.directory), "pairs": str(ctx.path("data/pairs")), "beta": p.beta,
+            "holdout_fraction": p.holdout_fraction, "split_seed": p.seed}
     started = time.time()
-    try:
-        result = fine_tune_dpo(reference, train_pairs, beta=p.beta, train=train, checkpoint_dir=checkpoint_dir,
-                               export_path=ctx.out_dir / WEIGHTS_FILE, log_fn=ctx.log_metrics)
-    except (CheckpointMismatchError, NonFiniteLossError, ValueError) as e:
-        raise UserError(f"dpo: {e}") from None
+    outcome = run_job(training_job(dpo_task, args, p, p.train_config(), root, ctx.out_dir / WEIGHTS_FILE, ctx.run.run_id,
+                                   ctx.run.tracking_uri, ctx.params.distributed), log_fn=ctx.log_metrics)
     seconds = time.time() - started
     spec = {**reference.spec, "finetuned_from": reference_rel}
-    (ctx.out_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    save_spec(ctx.out_dir, spec)
 
     tuned = load_denoiser(ctx.out_dir)
     accuracy = heldout_implicit_accuracy(tuned.denoiser, reference.denoiser, heldout, p.beta,
@@ -74,9 +61,9 @@ def train_dpo(ctx: StageContext) -> dict:
     write_json(ctx.out_dir / DPO_INFO_FILE, {
         "beta": p.beta, "reference": reference_rel, "reward": reward, "pairs_train": len(train_pairs),
         "pairs_heldout": len(heldout), "implicit_accuracy_heldout": accuracy})
-    ctx.manifest.update({"model": spec, "beta": p.beta, "checkpoint_dir": str(checkpoint_dir.relative_to(ctx.repo))})
-    last = result.history[-1] if result.history else {}
-    return {"steps": result.steps, "final_loss": result.final_loss, "beta": p.beta,
+    ctx.manifest.update({"model": spec, "beta": p.beta, "checkpoint_dir": str(root.relative_to(ctx.repo))})
+    last = outcome.history[-1] if outcome.history else {}
+    return {"steps": outcome.steps, "final_loss": outcome.final_loss, "beta": p.beta,
             "implicit_accuracy_train": last.get("implicit_accuracy", float("nan")),
             "implicit_accuracy_heldout": accuracy, "pairs_train": len(train_pairs),
             "train_seconds": round(seconds, 2)}

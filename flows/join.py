@@ -22,7 +22,7 @@ def main() -> int:
         if node_rank(d.nodes) == 0:
             raise UserError("this is node 0 (NODE_RANK/SLURM_NODEID = 0): run the stage here (dvc repro <stage>), "
                             "and `python -m flows.join` on the other nodes")
-        code = launch_ranks(d.processes_per_node, ["-m", "flows.train_worker", "-"], nodes=d.nodes,
+        code = launch_ranks(d.processes_per_node, ["-m", "components.training.worker", "-"], nodes=d.nodes,
                             timeout_s=d.timeout_s)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -17,10 +17,10 @@ from prefect import flow
 from components.config import Params, load_params
 from components.errors import DataError, UserError
 from components.models.store import load_denoiser
-from components.preferences.bradley_terry import save_reward_model, train_reward_model
-from components.preferences.pairs import SEED_BASE, collect_pairs, read_labelled_pairs, write_pair_shards
+from components.preferences.bradley_terry import labelled_pairs_scored
+from components.preferences.pairs import SEED_BASE, collect_pairs, write_pair_shards
 from components.preferences.rewards import make_reward
-from components.training.denoiser_training import set_torch_threads
+from components.training.recipe import set_torch_threads
 from flows.runtime import repo_root
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
@@ -45,11 +45,9 @@ def make_pairs(ctx: StageContext) -> dict:
     info = {"generating_model": f"models/{p.model}"}
     if p.pairs_file:
         path = Path(p.pairs_file) if Path(p.pairs_file).is_absolute() else ctx.repo / p.pairs_file
-        pairs = read_labelled_pairs(path, model.spec["data_shape"], model.num_classes)
-        reward_model = train_reward_model(pairs.x_w, pairs.x_l, ctx.path("checkpoints/preferences/reward_model"),
-                                          steps=p.reward_model_steps, seed=p.seed)
-        save_reward_model(reward_model, ctx.out_dir / REWARD_MODEL_DIR)
-        pairs.score_w, pairs.score_l = reward_model.reward(pairs.x_w).double(), reward_model.reward(pairs.x_l).double()
+        pairs = labelled_pairs_scored(path, model.spec["data_shape"], model.num_classes,
+                                      ctx.path("checkpoints/preferences/reward_model"), ctx.out_dir / REWARD_MODEL_DIR,
+                                      steps=p.reward_model_steps, seed=p.seed)
         reward_spec = {"kind": "bradley_terry", "path": REWARD_MODEL_DIR}
         info.update({"source": "labelled_file", "pairs_file": p.pairs_file})
     else:

@@ -17,7 +17,6 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from components.errors import UserError
+from components.io import free_port
 
 STATE_DIR = ".prefect"
 STATE_FILE = "server.json"
@@ -72,12 +72,6 @@ def api_healthy(api_url: str, timeout: float = 2.0) -> bool:
             return r.status == 200
     except (OSError, ValueError):
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def configure_prefect(root: Path) -> str:

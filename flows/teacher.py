@@ -1,9 +1,9 @@
-"""`teacher` stage: train the teacher denoiser on data/shards with the one Trainer (DeepSpeed); write
-models/teacher/ (EMA weights, model.json, a sample plot, manifest). Checkpoints live in checkpoints/teacher/
-<fingerprint>/ outside the DVC output, so a crashed or interrupted run resumes where it stopped."""
+"""`teacher` stage: train the teacher denoiser on data/shards with the one training recipe (DeepSpeed; in one
+process, or on the ranks of the `distributed` section); write models/teacher/ (EMA weights, model.json, a sample
+plot, manifest). Checkpoints live in checkpoints/teacher/<fingerprint>/ outside the DVC output, so a crashed or
+interrupted run resumes where it stopped."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -11,12 +11,10 @@ import torch
 from prefect import flow
 
 from components.data.shards import read_shard_manifest, read_split
-from components.errors import UserError
 from components.evaluation.plots import image_grid, scatter_grid
-from components.models.store import SPEC_FILE, WEIGHTS_FILE, load_denoiser
-from components.training.denoiser_training import objective_config, run_fingerprint, teacher_spec, train_denoiser
-from components.training.distributed import launch_ranks
-from components.training.trainer import CheckpointMismatchError, NonFiniteLossError
+from components.models.store import WEIGHTS_FILE, load_denoiser, save_spec
+from components.training.denoiser_training import denoiser_task, objective_config, teacher_spec
+from components.training.recipe import checkpoint_dir, run_job, training_job
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
 SPEC = StageSpec(name="teacher", output="models/teacher", sections=("data", "model", "teacher"))
@@ -28,61 +26,28 @@ def train_teacher(ctx: StageContext) -> dict:
     p = ctx.params.teacher
     spec = teacher_spec(manifest, ctx.params.model, p)
     objective = objective_config(spec, p)
-    train = p.trainer_kwargs()
-    resume_key = {k: v for k, v in train.items() if k not in ("steps", "checkpoint_every", "log_every")}
-    checkpoint_dir = ctx.path(f"checkpoints/teacher/{run_fingerprint(spec, objective, manifest['digest'], resume_key)}")
-    export = ctx.out_dir / WEIGHTS_FILE
-    ctx.run.set_tags({"checkpoint_dir": checkpoint_dir.relative_to(ctx.repo)})
-
-    ranks = ctx.params.distributed.world_size
+    root = checkpoint_dir(ctx.path("checkpoints/teacher"), p.train_config(), spec, objective, manifest["digest"])
+    ctx.run.set_tags({"checkpoint_dir": root.relative_to(ctx.repo)})
     started = time.time()
-    try:
-        if ranks == 1:
-            result, resumed_from = train_denoiser(spec, objective, shards, train, checkpoint_dir, export,
-                                                  log_fn=ctx.log_metrics, torch_threads=p.torch_threads)
-            steps, final_loss = result.steps, result.final_loss
-        else:
-            steps, final_loss, resumed_from = _train_multiprocess(ctx, spec, objective, shards, train,
-                                                                  checkpoint_dir, export)
-    except (CheckpointMismatchError, NonFiniteLossError) as e:
-        raise UserError(str(e)) from None
+    job = training_job(denoiser_task, {"spec": spec, "objective": objective, "shards": str(shards)}, p,
+                       p.train_config(), root, ctx.out_dir / WEIGHTS_FILE, ctx.run.run_id, ctx.run.tracking_uri,
+                       ctx.params.distributed)
+    outcome = run_job(job, log_fn=ctx.log_metrics)
     train_seconds = time.time() - started
-    (ctx.out_dir / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
-
-    plot = _plot_samples(ctx, shards, manifest, p.plot_samples, p.seed)
-    ctx.run.log_artifact(plot)
-    ctx.manifest.update({"model": spec, "objective": objective, "checkpoint_dir": str(checkpoint_dir.relative_to(ctx.repo))})
-    return {"steps": steps, "final_loss": final_loss, "train_seconds": round(train_seconds, 2),
-            "steps_per_sec": round((steps - resumed_from) / max(train_seconds, 1e-9), 2), "processes": ranks,
-            "resumed_from_step": resumed_from}
+    save_spec(ctx.out_dir, spec)
+    ctx.run.log_artifact(plot_samples(ctx.out_dir, shards, manifest, p.plot_samples, p.seed))
+    ctx.manifest.update({"model": spec, "objective": objective, "checkpoint_dir": str(root.relative_to(ctx.repo))})
+    return {"steps": outcome.steps, "final_loss": outcome.final_loss, "train_seconds": round(train_seconds, 2),
+            "steps_per_sec": round((outcome.steps - outcome.resumed_from) / max(train_seconds, 1e-9), 2),
+            "processes": ctx.params.distributed.world_size, "resumed_from_step": outcome.resumed_from}
 
 
-def _train_multiprocess(ctx, spec, objective, shards, train, checkpoint_dir, export) -> tuple[int, float, int]:
-    job_file, result_file = ctx.out_dir / "job.json", ctx.out_dir / "train_result.json"
-    job = {"spec": spec, "objective": objective, "shards": str(shards), "train": train,
-           "checkpoint_dir": str(checkpoint_dir), "export": str(export), "result": str(result_file),
-           "tracking_uri": ctx.run.tracking_uri, "run_id": ctx.run.run_id, "torch_threads": ctx.params.teacher.torch_threads}
-    job_file.write_text(json.dumps(job))
-    d = ctx.params.distributed
-    code = launch_ranks(d.processes_per_node, ["-m", "flows.train_worker", str(job_file)], nodes=d.nodes,
-                        timeout_s=d.timeout_s)
-    if code != 0:
-        raise RuntimeError(f"training ranks exited with code {code} (see their output above)")
-    result = json.loads(result_file.read_text())
-    job_file.unlink()
-    result_file.unlink()
-    return result["steps"], result["final_loss"], result["resumed_from"]
-
-
-def _plot_samples(ctx, shards, manifest, n: int, seed: int):
-    model = load_denoiser(ctx.out_dir)
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n, *manifest["shape"], generator=gen)
-    cond = None
-    if model.num_classes is not None:
-        cond = torch.arange(n) % model.num_classes
+def plot_samples(model_dir, shards, manifest, n: int, seed: int):
+    model = load_denoiser(model_dir)
+    noise = torch.randn(n, *manifest["shape"], generator=torch.Generator().manual_seed(seed))
+    cond = torch.arange(n) % model.num_classes if model.num_classes is not None else None
     result = model.sample(noise, cond=cond)
-    path = ctx.out_dir / "samples.png"
+    path = model_dir / "samples.png"
     if manifest["kind"] == "image":
         image_grid(result.x[:64], path, nrow=8)
     else:
@@ -96,5 +61,5 @@ def flow_fn():
     return run_stage_in_flow(SPEC, train_teacher)
 
 
-if __name__ == "__main__":  # allows `python -m flows.teacher` as well
+if __name__ == "__main__":  # allows `python -m flows teacher` as well
     sys.exit(0 if flow_fn(return_state=True).is_completed() else 1)

@@ -107,6 +107,7 @@ def trainer_seconds(model: torch.nn.Module, loss_fn, batch: dict, config: TrainC
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    config = config.model_copy(update={"steps": warmup + steps + 1})  # fit() runs until steps: the window is inside
     trainer = Trainer(model, loss_fn, config, workdir)
     dtype = torch.bfloat16 if config.resolved_precision() == "bf16" else None
 
@@ -123,7 +124,6 @@ def trainer_seconds(model: torch.nn.Module, loss_fn, batch: dict, config: TrainC
             pulled.append(time.perf_counter())
             yield item
 
-    trainer.config.steps = warmup + steps + 1  # fit() runs until config.steps; the timed window is inside it
     trainer.fit(timed(batches()))
     synchronize()
     per_step = (pulled[warmup + steps] - pulled[warmup]) / steps

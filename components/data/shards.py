@@ -45,30 +45,72 @@ def to_model_range(x: np.ndarray, encoding: str) -> np.ndarray:
     return x.astype(np.float32, copy=False)
 
 
+def write_array_shards(out_dir: Path | str, prefix: str, arrays: dict[str, Optional[np.ndarray]], *,
+                       samples_per_shard: int, samples_per_record: int, keys: Optional[np.ndarray] = None,
+                       progress=None) -> list[str]:
+    """Write aligned named arrays (axis 0 = sample; None values are skipped) as WebDataset tars
+    `<prefix>-%06d.tar` in `out_dir`, and return the shard names.
+
+    One record = a block of up to `samples_per_record` consecutive samples of one shard, one member `<name>.npy`
+    per array; its key is `keys[first sample]` (default: the sample's position), 8 digits. Byte-reproducible
+    (fixed tar mtime). `progress`: optional object with `update(n)` (a tqdm bar).
+    """
+    import webdataset as wds
+
+    named = {name: a for name, a in arrays.items() if a is not None}
+    n = len(next(iter(named.values())))
+    names = []
+    for shard_no, start in enumerate(range(0, n, samples_per_shard)):
+        name = f"{prefix}-{shard_no:06d}.tar"
+        stop = min(start + samples_per_shard, n)
+        with wds.TarWriter(str(Path(out_dir) / name), mtime=0.0) as sink:
+            for r in range(start, stop, samples_per_record):
+                block = slice(r, min(r + samples_per_record, stop))
+                key = int(keys[r]) if keys is not None else r
+                sink.write({"__key__": f"{key:08d}",
+                            **{f"{k}.npy": np.ascontiguousarray(a[block]) for k, a in named.items()}})
+                if progress is not None:
+                    progress.update(block.stop - block.start)
+        names.append(name)
+    return names
+
+
+def read_array_shards(paths: list[Path], limit: Optional[int] = None) -> dict[str, np.ndarray]:
+    """The named arrays of WebDataset tars written by `write_array_shards`, concatenated in shard and record
+    order: {"x": ..., "cls": ...}. With `limit`, stops after the shard that reaches `limit` samples (the caller
+    cuts). Reads the tars directly (no shuffling, no worker splitting), so every caller sees the same order."""
+    columns: dict[str, list[np.ndarray]] = {}
+    count = 0
+    for path in paths:
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar.getmembers():
+                    name = member.name.split(".", 1)[1].removesuffix(".npy")  # "<key>.x.npy" -> "x"
+                    columns.setdefault(name, []).append(np.load(io.BytesIO(tar.extractfile(member).read())))
+        except (tarfile.TarError, OSError, ValueError, IndexError) as e:
+            raise DataError(f"corrupt or missing shard {path}: {e.__class__.__name__}: {e}") from None
+        count = sum(len(a) for a in next(iter(columns.values()), []))
+        if limit is not None and count >= limit:
+            break
+    if not columns:
+        raise DataError(f"no records in the shards {', '.join(str(p) for p in paths[:3])}")
+    return {name: np.concatenate(parts) for name, parts in columns.items()}
+
+
 def write_shards(data: SourceData, out_dir: Path, *, val_fraction: float, samples_per_shard: int,
                  min_shards: int, seed: int, samples_per_record: int = 256, progress: bool = True) -> dict:
     """Split, write both splits as shards into `out_dir` (which must exist), return the manifest dict."""
-    import webdataset as wds
-
     n = len(data.x)
     train_idx, val_idx = data.fixed_split or split_indices(n, val_fraction, seed)
     splits_info = {}
     bar = tqdm(total=n, desc="writing shards", unit="sample", disable=not progress, mininterval=1.0)
     for split, idx in zip(SPLITS, (train_idx, val_idx)):
         per_shard = max(1, min(samples_per_shard, math.ceil(len(idx) / min_shards)))
-        n_records = 0
-        for shard_no, start in enumerate(range(0, len(idx), per_shard)):
-            shard_idx = idx[start:start + per_shard]
-            with wds.TarWriter(str(out_dir / f"{split}-{shard_no:06d}.tar"), mtime=0.0) as sink:
-                for r in range(0, len(shard_idx), samples_per_record):
-                    block = shard_idx[r:r + samples_per_record]
-                    record = {"__key__": f"{block[0]:08d}", "x.npy": np.ascontiguousarray(data.x[block])}
-                    if data.y is not None:
-                        record["cls.npy"] = data.y[block]
-                    sink.write(record)
-                    n_records += 1
-                    bar.update(len(block))
-        shards = sorted(p.name for p in out_dir.glob(f"{split}-*.tar"))
+        shards = write_array_shards(out_dir, split, {"x": data.x[idx], "cls": None if data.y is None else data.y[idx]},
+                                    samples_per_shard=per_shard, samples_per_record=samples_per_record, keys=idx,
+                                    progress=bar)
+        n_records = sum(math.ceil(min(per_shard, len(idx) - s) / samples_per_record)
+                        for s in range(0, len(idx), per_shard))
         xs = to_model_range(data.x[idx], data.encoding)
         hist = None
         if data.y is not None:
@@ -120,25 +162,9 @@ def shard_paths(shard_dir: Path | str, split: str) -> list[Path]:
 
 
 def read_split(shard_dir: Path | str, split: str, limit: Optional[int] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """All samples of a split, in shard order, as float32 model-range arrays (for evaluation references).
-
-    Reads the tars directly (no shuffling, no worker splitting), so every caller sees the same order.
-    """
+    """All samples of a split, in shard order, as float32 model-range arrays (for evaluation references)."""
     manifest = read_shard_manifest(shard_dir)
-    xs, ys, n = [], [], 0
-    for path in shard_paths(shard_dir, split):
-        try:
-            with tarfile.open(path) as tar:
-                for m in tar.getmembers():
-                    if m.name.endswith(".x.npy"):
-                        xs.append(np.load(io.BytesIO(tar.extractfile(m).read())))
-                        n += len(xs[-1])
-                    elif m.name.endswith(".cls.npy"):
-                        ys.append(np.load(io.BytesIO(tar.extractfile(m).read())))
-        except (tarfile.TarError, OSError, ValueError) as e:
-            raise DataError(f"corrupt shard {path}: {e.__class__.__name__}: {e}") from None
-        if limit is not None and n >= limit:
-            break
-    x = to_model_range(np.concatenate(xs)[:limit], manifest["encoding"])
-    y = np.concatenate(ys)[:limit].astype(np.int64) if ys else None
+    arrays = read_array_shards(shard_paths(shard_dir, split), limit)
+    x = to_model_range(arrays["x"][:limit], manifest["encoding"])
+    y = arrays["cls"][:limit].astype(np.int64) if "cls" in arrays else None
     return x, y

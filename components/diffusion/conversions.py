@@ -72,31 +72,6 @@ def convert(value: Tensor, from_kind: str, to_kind: str, x_t: Tensor, t: TimeLik
     return from_x0_eps(to_kind, x0, eps, t, schedule)
 
 
-def x0_to_eps(x0: Tensor, x_t: Tensor, t: TimeLike, schedule: Schedule) -> Tensor:
-    """eps = (x_t - alpha x0) / sigma."""
-    return convert(x0, "x0", "eps", x_t, t, schedule)
-
-
-def eps_to_x0(eps: Tensor, x_t: Tensor, t: TimeLike, schedule: Schedule) -> Tensor:
-    """x0 = (x_t - sigma eps) / alpha."""
-    return convert(eps, "eps", "x0", x_t, t, schedule)
-
-
 def x0_to_v(x0: Tensor, x_t: Tensor, t: TimeLike, schedule: Schedule) -> Tensor:
     """v = alpha' x0 + sigma' (x_t - alpha x0) / sigma (the PF-ODE velocity for a denoiser output)."""
     return convert(x0, "x0", "v", x_t, t, schedule)
-
-
-def v_to_x0(v: Tensor, x_t: Tensor, t: TimeLike, schedule: Schedule) -> Tensor:
-    """x0 = (sigma' x_t - sigma v) / (alpha sigma' - sigma alpha') (finite at t = 0 and at alpha = 0)."""
-    return convert(v, "v", "x0", x_t, t, schedule)
-
-
-def x0_to_score(x0: Tensor, x_t: Tensor, t: TimeLike, schedule: Schedule) -> Tensor:
-    """score = (alpha x0 - x_t) / sigma^2."""
-    return convert(x0, "x0", "score", x_t, t, schedule)
-
-
-def score_to_x0(score: Tensor, x_t: Tensor, t: TimeLike, schedule: Schedule) -> Tensor:
-    """Tweedie: x0 = (x_t + sigma^2 score) / alpha."""
-    return convert(score, "score", "x0", x_t, t, schedule)

@@ -15,7 +15,7 @@ Conventions:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -308,11 +308,6 @@ def disjoint_subsets(data: ArrayLike, n: int, seed: int = PROTOCOL_SEED) -> tupl
         raise ValueError(f"disjoint_subsets: needs at least {2 * n} rows for two sets of {n}, got {tensor.shape[0]}")
     order = torch.randperm(tensor.shape[0], generator=torch.Generator().manual_seed(int(seed)))
     return tensor[order[:n]], tensor[order[n : 2 * n]]
-
-
-def metric_floor(metric: Callable[..., float], real_a: ArrayLike, real_b: ArrayLike, **kwargs) -> float:
-    """The metric between two disjoint real sets: the best value a perfect model can expect."""
-    return float(metric(real_a, real_b, **kwargs))
 
 
 def ratio_to_floor(value: float, floor: float) -> float:

@@ -42,11 +42,18 @@ def build_denoiser(spec: dict[str, Any]) -> Denoiser:
     return denoiser
 
 
+def save_spec(directory: Path | str, spec: dict[str, Any]) -> None:
+    """Write model.json (next to weights already exported into `directory`)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+
+
 def save_denoiser(directory: Path | str, state_dict: dict[str, torch.Tensor], spec: dict[str, Any]) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(state_dict, directory / WEIGHTS_FILE)
-    (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    save_spec(directory, spec)
 
 
 @dataclass
@@ -106,17 +113,32 @@ def load_denoiser(directory: Path | str) -> LoadedModel:
         raise DataError(f"{directory} is not a saved model: missing {', '.join(missing)}")
     try:
         spec = json.loads((directory / SPEC_FILE).read_text())
-        denoiser = build_denoiser(spec)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except json.JSONDecodeError as e:
         raise DataError(f"{directory / SPEC_FILE} is not a valid model config: {e.__class__.__name__}: {e}") from None
+    return model_from_weights(spec, directory / WEIGHTS_FILE, directory)
+
+
+def load_weights(path: Path | str) -> dict[str, torch.Tensor]:
+    """A saved state dict (CPU); an unreadable file raises DataError naming it."""
     try:
-        state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated/foreign files
-        raise DataError(f"cannot read weights {directory / WEIGHTS_FILE}: {e.__class__.__name__}") from None
-    check_state_dict(denoiser, state, directory / WEIGHTS_FILE)
+        raise DataError(f"cannot read weights {path}: {e.__class__.__name__}") from None
+
+
+def model_from_weights(spec: dict[str, Any], weights: Path | str, directory: Optional[Path | str] = None) -> LoadedModel:
+    """The model of `spec` with the weights file `weights` (eval mode): the one way a saved model is rebuilt.
+    `directory` (default: the weights' folder) is where students and side files of the model are looked up."""
+    weights = Path(weights)
+    try:
+        denoiser = build_denoiser(spec)
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{weights.parent / SPEC_FILE} is not a valid model config: {e.__class__.__name__}: {e}") from None
+    state = load_weights(weights)
+    check_state_dict(denoiser, state, weights)
     denoiser.load_state_dict(state)
     denoiser.eval()
-    return LoadedModel(denoiser, spec, directory)
+    return LoadedModel(denoiser, spec, Path(directory) if directory is not None else weights.parent)
 
 
 def check_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], where: Path | str) -> None:

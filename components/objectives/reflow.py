@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -167,29 +166,3 @@ def coupling_diagnostics(z: Tensor, x: Tensor, velocity: Optional[VelocityFn] = 
             "which does not imply optimal transport")
     return {"reflow_loss": loss, "fixed_point": bool(fixed_point), "transport_cost": cost,
             "assignment_cost": ot, "cost_over_assignment": ratio, "optimal_transport": None, "note": note}
-
-
-def rotation_velocity(rotation: Tensor) -> VelocityFn:
-    """Exact velocity of the coupling (z, x = A z) with A a rotation, on x_t = (1 - t) x + t z:
-    v_t(y) = (I - A) ((1 - t) A + t I)^{-1} y (the notes' counterexample, in our time convention).
-
-    A rotation without eigenvalue -1 keeps (1 - t) A + t I invertible on [0, 1], so the paths never cross and the
-    reflow loss is exactly zero, although the coupling is not optimal transport (the OT map of N(0, I) to
-    itself is the identity).
-    """
-    a = torch.as_tensor(rotation, dtype=torch.float64)
-    eye = torch.eye(a.shape[0], dtype=torch.float64)
-
-    def velocity(y: Tensor, t: Tensor) -> Tensor:
-        t64 = t.to(torch.float64)[:, None, None]
-        mats = (1 - t64) * a + t64 * eye  # [B, D, D]
-        solved = torch.linalg.solve(mats, y.to(torch.float64).unsqueeze(-1)).squeeze(-1)
-        return (solved @ (eye - a).T).to(y.dtype)
-
-    return velocity
-
-
-def rotation_matrix(angle: float) -> Tensor:
-    """2-D rotation by `angle` radians (float64)."""
-    c, s = float(np.cos(angle)), float(np.sin(angle))
-    return torch.tensor([[c, -s], [s, c]], dtype=torch.float64)

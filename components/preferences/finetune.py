@@ -1,19 +1,22 @@
-"""Diffusion-DPO fine-tuning recipe: a copy of the reference model trained against the frozen reference on
-preference pairs with the one Trainer; exports the EMA weights in the model-store format."""
+"""Diffusion-DPO fine-tuning: the `dpo` task of the one training recipe (components/training/recipe.py). A copy of
+the reference model is trained against the frozen reference on the preference pairs; the EMA weights are exported
+in the model-store format."""
 from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
-from components.models.store import LoadedModel
+from components.config import TrainConfig
+from components.errors import DataError
+from components.models.store import LoadedModel, load_denoiser
 from components.objectives.denoising import make_objective
 from components.objectives.dpo import DiffusionDPOObjective, default_mse_target
-from components.preferences.bradley_terry import pair_batches
-from components.preferences.pairs import PairSet
-from components.training.trainer import Trainer, TrainConfig, TrainResult
+from components.preferences.bradley_terry import preference_batches
+from components.preferences.pairs import PairSet, read_pair_shards
+from components.training.recipe import TrainingTask, rank_seed, set_torch_threads
 
 
 def time_sampler_for(spec: dict[str, Any]) -> Callable[[int, torch.device], torch.Tensor]:
@@ -22,26 +25,33 @@ def time_sampler_for(spec: dict[str, Any]) -> Callable[[int, torch.device], torc
     return make_objective(spec.get("objective", "flow"), **kwargs).sample_times
 
 
-def fine_tune_dpo(reference: LoadedModel, pairs: PairSet, *, beta: float, train: dict[str, Any],
-                  checkpoint_dir: Path | str, export_path: Path | str,
-                  log_fn: Optional[Callable[[dict, int], None]] = None, progress: bool = True) -> TrainResult:
-    """Fine-tune a copy of `reference.denoiser` with Diffusion-DPO on `pairs`; write the EMA weights to
-    `export_path`. `train` holds TrainConfig keys (steps, batch_size = pairs per step, lr, ...)."""
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got beta={beta}")
+def dpo_pairs(reference: LoadedModel, reference_rel: str, pair_dir: Path | str, holdout_fraction: float,
+              seed: int) -> tuple[PairSet, PairSet, dict]:
+    """(training pairs, held-out pairs, pairs manifest) of the pairs in `pair_dir`; DataError when their samples
+    do not have the reference's data shape."""
+    pairs, manifest = read_pair_shards(pair_dir)
     if list(pairs.x_w.shape[1:]) != list(reference.spec["data_shape"]):
-        raise ValueError(f"pairs hold samples of shape {list(pairs.x_w.shape[1:])}, the reference model's data "
-                         f"shape is {reference.spec['data_shape']}")
+        raise DataError(f"{pair_dir} holds samples of shape {list(pairs.x_w.shape[1:])}, but {reference_rel} "
+                        f"models data of shape {reference.spec['data_shape']}")
+    return (*pairs.split(holdout_fraction, seed), manifest)
+
+
+def dpo_task(args: dict[str, Any], config: TrainConfig, world_size: int, threads: int = 0) -> TrainingTask:
+    """A copy of the reference model in `args["reference"]` fine-tuned with Diffusion-DPO (`args["beta"]`) against
+    the frozen reference, on the training part of the pairs in `args["pairs"]` (split by `holdout_fraction`,
+    `split_seed`)."""
+    reference = load_denoiser(args["reference"])
+    set_torch_threads(reference.spec, threads)
+    pairs, _, _ = dpo_pairs(reference, args["reference"], args["pairs"], args["holdout_fraction"], args["split_seed"])
+    if len(pairs) < config.batch_size:
+        raise DataError(f"dpo.batch_size={config.batch_size} is more than the {len(pairs)} training pairs; "
+                        "lower it or collect more pairs (preferences.groups x k)")
     policy = copy.deepcopy(reference.denoiser).train()
     for p in policy.parameters():
         p.requires_grad_(True)
-    frozen = copy.deepcopy(reference.denoiser)
-    objective = DiffusionDPOObjective(frozen, beta, time_sampler_for(reference.spec),
+    objective = DiffusionDPOObjective(copy.deepcopy(reference.denoiser), args["beta"], time_sampler_for(reference.spec),
                                       target=default_mse_target(reference.spec["prediction"]))
-    config = TrainConfig(**train, progress_bar=progress)
-    trainer = Trainer(policy, objective, config, checkpoint_dir, log_fn=log_fn,
-                      fingerprint={"dpo": {"beta": beta, "pairs": len(pairs), "reference": reference.spec}})
-    result = trainer.fit(pair_batches(pairs.x_w.float(), pairs.x_l.float(), config.batch_size, config.seed,
-                                      pairs.cond))
-    trainer.export(export_path)
-    return result
+    batches = preference_batches(pairs.x_w.float(), pairs.x_l.float(), config.micro_batch_size(world_size),
+                                 rank_seed(config.seed), pairs.cond)
+    return TrainingTask(policy, objective, batches,
+                        fingerprint={"dpo": {"beta": args["beta"], "pairs": len(pairs), "reference": reference.spec}})

@@ -11,10 +11,8 @@ seedw.npy, seedl.npy (-1 for labelled pairs) and cls.npy (labels, when condition
 """
 from __future__ import annotations
 
-import io
 import json
 import math
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -23,8 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from components.data.shards import read_array_shards, write_array_shards
 from components.errors import DataError
-from components.io import read_json, tree_digest
+from components.io import read_json, tree_digest, write_json
 
 PAIRS_MANIFEST = "manifest.json"
 SEED_BASE = 1_000_000  # pair seeds live in [SEED_BASE * (1 + seed), ...): disjoint from evaluation noise streams
@@ -173,29 +172,18 @@ def _load_array(value: Any, base: Path, where: str) -> np.ndarray:
 def write_pair_shards(pairs: PairSet, out_dir: Path | str, *, pairs_per_shard: int = 2048,
                       pairs_per_record: int = 256, info: Optional[dict] = None) -> dict:
     """Write `pairs` as WebDataset shards into `out_dir` (must exist) plus manifest.json; returns the manifest."""
-    import webdataset as wds
-
     out_dir = Path(out_dir)
-    n = len(pairs)
-    arrays = {"xw.npy": pairs.x_w.numpy().astype(np.float32), "xl.npy": pairs.x_l.numpy().astype(np.float32),
-              "sw.npy": pairs.score_w.numpy(), "sl.npy": pairs.score_l.numpy(),
-              "seedw.npy": pairs.seed_w.numpy(), "seedl.npy": pairs.seed_l.numpy()}
-    if pairs.cond is not None:
-        arrays["cls.npy"] = pairs.cond.numpy()
-    shards = []
-    for shard_no, start in enumerate(range(0, n, pairs_per_shard)):
-        name = f"pairs-{shard_no:06d}.tar"
-        with wds.TarWriter(str(out_dir / name), mtime=0.0) as sink:
-            stop = min(n, start + pairs_per_shard)
-            for r in range(start, stop, pairs_per_record):
-                block = slice(r, min(stop, r + pairs_per_record))
-                sink.write({"__key__": f"{r:08d}", **{k: np.ascontiguousarray(v[block]) for k, v in arrays.items()}})
-        shards.append(name)
+    arrays = {"xw": pairs.x_w.numpy().astype(np.float32), "xl": pairs.x_l.numpy().astype(np.float32),
+              "sw": pairs.score_w.numpy(), "sl": pairs.score_l.numpy(),
+              "seedw": pairs.seed_w.numpy(), "seedl": pairs.seed_l.numpy(),
+              "cls": None if pairs.cond is None else pairs.cond.numpy()}
+    shards = write_array_shards(out_dir, "pairs", arrays, samples_per_shard=pairs_per_shard,
+                                samples_per_record=pairs_per_record)
     margin = (pairs.score_w - pairs.score_l)
     manifest = {
         "format": "webdataset",
-        "record_keys": sorted(arrays),
-        "count": n,
+        "record_keys": sorted(f"{k}.npy" for k, v in arrays.items() if v is not None),
+        "count": len(pairs),
         "shape": list(pairs.x_w.shape[1:]),
         "conditional": pairs.cond is not None,
         "shards": shards,
@@ -203,7 +191,7 @@ def write_pair_shards(pairs: PairSet, out_dir: Path | str, *, pairs_per_shard: i
         **(info or {}),
     }
     manifest["digest"] = tree_digest(out_dir)
-    (out_dir / PAIRS_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    write_json(out_dir / PAIRS_MANIFEST, manifest)
     return manifest
 
 
@@ -218,19 +206,8 @@ def read_pair_shards(pair_dir: Path | str) -> tuple[PairSet, dict]:
     if not (pair_dir / PAIRS_MANIFEST).is_file():
         raise DataError(f"no pairs manifest at {pair_dir / PAIRS_MANIFEST} (run `dvc repro preferences` first)")
     manifest = read_json(pair_dir / PAIRS_MANIFEST)
-    columns: dict[str, list[np.ndarray]] = {}
-    for name in manifest["shards"]:
-        path = pair_dir / name
-        try:
-            with tarfile.open(path) as tar:
-                for member in tar.getmembers():
-                    key = member.name.split(".", 1)[1]  # "<key>.xw.npy" -> "xw.npy"
-                    columns.setdefault(key, []).append(np.load(io.BytesIO(tar.extractfile(member).read())))
-        except (tarfile.TarError, OSError, ValueError) as e:
-            raise DataError(f"cannot read pair shard {path}: {e.__class__.__name__}: {e}") from None
-    col = {k: torch.from_numpy(np.concatenate(v)) for k, v in columns.items()}
-    pairs = PairSet(col["xw.npy"], col["xl.npy"], col["sw.npy"], col["sl.npy"], col["seedw.npy"], col["seedl.npy"],
-                    col.get("cls.npy"))
+    col = {k: torch.from_numpy(v) for k, v in read_array_shards([pair_dir / n for n in manifest["shards"]]).items()}
+    pairs = PairSet(col["xw"], col["xl"], col["sw"], col["sl"], col["seedw"], col["seedl"], col.get("cls"))
     if len(pairs) != manifest["count"]:
         raise DataError(f"{pair_dir}: manifest lists {manifest['count']} pairs, the shards hold {len(pairs)}")
     return pairs, manifest

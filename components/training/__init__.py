@@ -1,6 +1,6 @@
 """The one Trainer (DeepSpeed engine), EMA of weights, checkpoint/resume and distributed helpers."""
 
-from .distributed import ensure_process_group_env, find_free_port, launch_ranks, world_info
+from .distributed import ensure_process_group_env, launch_ranks, world_info
 from .ema import EMA
 from .trainer import (
     CheckpointMismatchError,
@@ -20,7 +20,6 @@ __all__ = [
     "Trainer",
     "build_deepspeed_config",
     "ensure_process_group_env",
-    "find_free_port",
     "launch_ranks",
     "world_info",
 ]

@@ -1,25 +1,17 @@
-"""Training recipe for denoisers (the teacher; students reuse the pieces): build the model spec from params and
-the shard manifest, then run the one Trainer on the WebDataset loader.
-
-`train_denoiser` runs the same way in a single process and on every rank of a multi-process launch (the loader
-splits shards by rank; rank 0 exports the EMA weights).
-"""
+"""Denoiser training (the teacher): the model spec from params and the shard manifest, and the `denoiser` task of
+the one training recipe (components/training/recipe.py) on the WebDataset loader, split by rank."""
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import sys
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Iterator, Optional
 
-from components.config import ModelParams, TeacherParams
+from components.config import ModelParams, TeacherParams, TrainConfig
 from components.data.loader import epoch_batches, infinite_batches, make_loader
 from components.errors import DataError
 from components.models.store import build_denoiser
 from components.objectives.denoising import make_objective
-from components.training.distributed import world_info
-from components.training.trainer import Trainer, TrainConfig, TrainResult
+from components.training.recipe import TrainingTask, set_torch_threads
 
 # Time grid that suits each objective's schedule (flow has infinite log-SNR at t = 1: uniform is the natural grid).
 DEFAULT_GRID = {"edm": "edm", "eps": "logsnr", "flow": "uniform"}
@@ -77,51 +69,20 @@ def objective_config(spec: dict[str, Any], teacher: TeacherParams) -> dict[str, 
     return {"name": spec["objective"], "kwargs": kwargs}
 
 
-def run_fingerprint(*parts: Any) -> str:
-    """Short hash naming a checkpoint directory: same model, objective, data and optimiser -> same dir.
-
-    `steps`, `checkpoint_every` and `log_every` are left out on purpose, so raising `steps` resumes training.
-    """
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.md5(blob).hexdigest()[:12]
-
-
-def set_torch_threads(spec: dict[str, Any], requested: int = 0) -> int:
-    """Intra-op threads for this process: `requested`, or for 0 one thread for MLPs (a small MLP step is
-    dominated by thread synchronisation, which collapses when cores are shared) and all cores for UNets."""
-    import os
-
-    import torch
-
-    threads = requested or (1 if spec["network"]["kind"] == "mlp" else max(1, os.cpu_count() or 1))
-    torch.set_num_threads(threads)
-    return threads
+def shard_batches(shards: Path | str, config: TrainConfig, world_size: int) -> Iterator[dict]:
+    """Endless shuffled micro-batches of the train split for this rank. Multi-rank: exact epochs split by node and
+    rank, the same number of batches on every rank (no rank waits on another)."""
+    micro = config.micro_batch_size(world_size)
+    if world_size > 1:
+        return epoch_batches(shards, "train", micro, seed=config.seed)
+    return infinite_batches(make_loader(shards, "train", micro, shuffle=True, seed=config.seed, drop_last=True))
 
 
-def train_denoiser(spec: dict[str, Any], objective: dict[str, Any], shard_dir: Path | str, train: dict[str, Any],
-                   checkpoint_dir: Path | str, export_path: Path | str,
-                   log_fn: Optional[Callable[[dict, int], None]] = None, progress: bool = True,
-                   torch_threads: int = 0) -> tuple[TrainResult, int]:
-    """Train a fresh denoiser from `spec` with `objective` on the shards; resume from `checkpoint_dir`; export the
-    EMA weights (rank 0) to `export_path`. Called identically on every rank of a multi-process launch.
-
-    Returns the Trainer's result and the step it resumed from (0 for a fresh start)."""
-    set_torch_threads(spec, torch_threads)
+def denoiser_task(args: dict[str, Any], config: TrainConfig, world_size: int, threads: int = 0) -> TrainingTask:
+    """A fresh denoiser from `args["spec"]` trained with `args["objective"]` on the shards `args["shards"]`."""
+    spec, objective = args["spec"], args["objective"]
+    set_torch_threads(spec, threads)
     denoiser = build_denoiser(spec)
     loss_fn = make_objective(objective["name"], **objective["kwargs"])
-    config = TrainConfig(**train, progress_bar=progress)
-    _, world = world_info()
-    if world > 1:  # exact epochs split by node and rank, the same number of batches on every rank
-        batches = epoch_batches(shard_dir, "train", config.micro_batch_size(world), seed=config.seed)
-    else:
-        batches = infinite_batches(make_loader(shard_dir, "train", config.micro_batch_size(world), shuffle=True,
-                                               seed=config.seed, drop_last=True))
-    trainer = Trainer(denoiser, loss_fn, config, checkpoint_dir, log_fn=log_fn,
-                      fingerprint={"spec": spec, "objective": objective})
-    found = trainer.latest_checkpoint()
-    resumed_from = int(found[1]["step"]) if found else 0
-    if resumed_from and trainer.rank == 0:
-        print(f"resuming from step {resumed_from} (checkpoint in {checkpoint_dir})", file=sys.stderr)
-    result = trainer.fit(batches)
-    trainer.export(export_path)
-    return result, resumed_from
+    return TrainingTask(denoiser, loss_fn, shard_batches(args["shards"], config, world_size),
+                        fingerprint={"spec": spec, "objective": objective})

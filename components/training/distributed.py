@@ -2,7 +2,7 @@
 several nodes.
 
 - One process needs no launcher and opens no rendezvous port: its process group lives on an in-process store.
-- Several processes run ``python -m components.training.launcher <torchrun args> -m flows.train_worker JOB``:
+- Several processes run ``python -m components.training.launcher <torchrun args> -m components.training.worker JOB``:
   torchrun (static rendezvous, no restarts) with one change: node 0's rendezvous store listens only on the address
   it was given (MASTER_ADDR; 127.0.0.1 on one node), not on every interface as torch's store does by default.
 - What differs per machine comes from the environment, never from params.yaml: the node rank (NODE_RANK, else
@@ -22,18 +22,12 @@ import torch
 import torch.distributed as dist
 
 from components.errors import UserError
+from components.io import free_port
 
 NODE_RANK_VARS = ("NODE_RANK", "SLURM_NODEID")  # first one set wins
 TIMEOUT_ENV = "TRAIN_COLLECTIVE_TIMEOUT_S"  # set by launch_ranks for its ranks: how long a collective may wait
 _RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
               "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
-
-
-def find_free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def loopback_interface() -> str:
@@ -166,7 +160,7 @@ def node_rank(nodes: int) -> int:
 def rendezvous_endpoint(nodes: int) -> tuple[str, int]:
     """(address, port) where the ranks meet: 127.0.0.1 and a free port on one node, else MASTER_ADDR:MASTER_PORT."""
     if nodes == 1:
-        return "127.0.0.1", find_free_port()
+        return "127.0.0.1", free_port()
     addr, port = os.environ.get("MASTER_ADDR", "").strip(), os.environ.get("MASTER_PORT", "").strip()
     if not addr or not port.isdigit():
         raise UserError(f"distributed.nodes = {nodes} needs the rendezvous endpoint in MASTER_ADDR and MASTER_PORT "

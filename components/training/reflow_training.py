@@ -7,25 +7,30 @@ the DVC output, so an interrupted run regenerates only the missing chunks.
 """
 from __future__ import annotations
 
-import io
 import math
 import os
-import tarfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from components.config import ReflowParams, TrainConfig
 from components.data.memory import shuffled_batches
+from components.data.shards import read_array_shards, write_array_shards
+from components.diffusion.grids import make_grid
+from components.diffusion.samplers import sample
 from components.errors import DataError
-from components.models.store import LoadedModel, build_denoiser
-from components.training.denoiser_training import set_torch_threads
+from components.evaluation.metrics import straightness
+from components.io import file_md5
+from components.models.store import (WEIGHTS_FILE, LoadedModel, build_denoiser, load_weights, model_from_weights,
+                                     save_denoiser)
+from components.objectives.reflow import EulerDistillObjective, ReflowObjective, coupling_diagnostics
 from components.training.distributed import barrier, rank_share
-from components.training.trainer import Trainer, TrainConfig, TrainResult
+from components.training.recipe import TrainingTask, rank_seed, run_job, set_torch_threads, training_job
 
-COUPLING_KEYS = ("z.npy", "x.npy", "cls.npy")
+COUPLING_PREFIX = "couplings"  # shard files couplings-%06d.tar
 CHUNK_SEED_STRIDE = 1_000_003  # chunk i of seed s draws its noise from seed s * stride + i
 
 
@@ -48,14 +53,6 @@ def student_spec(teacher_spec: dict[str, Any], steps: int = 1) -> dict[str, Any]
     spec["objective"] = "reflow"
     spec["sampler"] = {"method": "euler", "grid": "uniform", "steps": int(steps), "guidance": 1.0}
     return spec
-
-
-def loaded_from_state(spec: dict[str, Any], state: dict[str, torch.Tensor], directory: Path) -> LoadedModel:
-    """A LoadedModel (eval mode) built from a spec and weights in memory."""
-    denoiser = build_denoiser(spec)
-    denoiser.load_state_dict(state)
-    denoiser.eval()
-    return LoadedModel(denoiser, spec, Path(directory))
 
 
 def chunk_noise(seed: int, chunk: int, size: int, shape: list[int],
@@ -126,73 +123,155 @@ def generate_couplings(model: LoadedModel, count: int, batch_size: int, nfe: int
 
 def write_coupling_shards(out_dir: Path | str, z: torch.Tensor, x: torch.Tensor, y: Optional[torch.Tensor],
                           samples_per_shard: int, samples_per_record: int) -> list[str]:
-    """Write the pairs as WebDataset tars `pairs-%06d.tar` (records of blocks: z.npy, x.npy, cls.npy) and return
-    the shard names. Byte-reproducible (fixed mtime), like the data shards."""
-    import webdataset as wds
-
-    out_dir = Path(out_dir)
-    z_np, x_np = z.numpy().astype(np.float32), x.numpy().astype(np.float32)
-    y_np = y.numpy().astype(np.int64) if y is not None else None
-    names = []
-    for shard_no, start in enumerate(range(0, len(z_np), samples_per_shard)):
-        name = f"pairs-{shard_no:06d}.tar"
-        stop = min(start + samples_per_shard, len(z_np))
-        with wds.TarWriter(str(out_dir / name), mtime=0.0) as sink:
-            for r in range(start, stop, samples_per_record):
-                block = slice(r, min(r + samples_per_record, stop))
-                record = {"__key__": f"{r:08d}", "z.npy": np.ascontiguousarray(z_np[block]),
-                          "x.npy": np.ascontiguousarray(x_np[block])}
-                if y_np is not None:
-                    record["cls.npy"] = y_np[block]
-                sink.write(record)
-        names.append(name)
-    return names
+    """Write the couplings as WebDataset tars `couplings-%06d.tar` (records of blocks: z.npy, x.npy, cls.npy) and
+    return the shard names."""
+    arrays = {"z": z.numpy().astype(np.float32), "x": x.numpy().astype(np.float32),
+              "cls": y.numpy().astype(np.int64) if y is not None else None}
+    return write_array_shards(out_dir, COUPLING_PREFIX, arrays, samples_per_shard=samples_per_shard,
+                              samples_per_record=samples_per_record)
 
 
-def read_couplings(directory: Path | str, shards: list[str]) -> tuple[torch.Tensor, torch.Tensor,
-                                                                      Optional[torch.Tensor]]:
-    """All pairs of the listed coupling shards, in order: (z, x, labels or None)."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in COUPLING_KEYS}
-    for name in shards:
-        path = Path(directory) / name
-        try:
-            with tarfile.open(path) as tar:
-                for member in tar.getmembers():
-                    key = next((k for k in COUPLING_KEYS if member.name.endswith("." + k)), None)
-                    if key:
-                        parts[key].append(np.load(io.BytesIO(tar.extractfile(member).read())))
-        except (tarfile.TarError, OSError, ValueError) as e:
-            raise DataError(f"corrupt or missing coupling shard {path}: {e.__class__.__name__}: {e}") from None
-    if not parts["z.npy"] or len(parts["z.npy"]) != len(parts["x.npy"]):
+def read_couplings(directory: Path | str) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """All couplings of the shards in `directory`, in order: (z, x, labels or None)."""
+    paths = sorted(Path(directory).glob(f"{COUPLING_PREFIX}-*.tar"))
+    arrays = read_array_shards(paths) if paths else {}
+    if "z" not in arrays or "x" not in arrays or len(arrays["z"]) != len(arrays["x"]):
         raise DataError(f"coupling shards in {directory} hold no complete (z, x) records")
-    z, x = (torch.from_numpy(np.concatenate(parts[k])) for k in ("z.npy", "x.npy"))
-    y = torch.from_numpy(np.concatenate(parts["cls.npy"])).long() if parts["cls.npy"] else None
-    return z, x, y
+    y = torch.from_numpy(arrays["cls"]).long() if "cls" in arrays else None
+    return torch.from_numpy(arrays["z"]), torch.from_numpy(arrays["x"]), y
 
 
-def pair_batches(z: torch.Tensor, x: torch.Tensor, y: Optional[torch.Tensor], batch_size: int,
-                 seed: int) -> Iterator[dict[str, Any]]:
-    """Endless shuffled batches {"z", "x", "y"} of the coupling (seeded: a resumed run sees the same batches)."""
-    return shuffled_batches({"z": z, "x": x, "y": y}, batch_size, seed, what="coupling pairs")
-
-
-def train_on_coupling(spec: dict[str, Any], init_state: dict[str, torch.Tensor],
-                      loss_fn: Callable, coupling: tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]],
-                      train: dict[str, Any], checkpoint_dir: Path | str, export_path: Path | str,
-                      log_fn: Optional[Callable[[dict, int], None]] = None, progress: bool = True,
-                      torch_threads: int = 0, fingerprint: Optional[dict] = None) -> tuple[TrainResult, int]:
-    """Train a velocity model (spec, initialised from `init_state`) with `loss_fn` on a coupling using the one
-    Trainer; resume from `checkpoint_dir`; export the EMA weights to `export_path`.
-
-    Returns the Trainer's result and the step it resumed from (0 for a fresh start)."""
-    set_torch_threads(spec, torch_threads)
+def coupling_task(args: dict[str, Any], config: TrainConfig, world_size: int, threads: int = 0) -> TrainingTask:
+    """A velocity model (`args["spec"]`, initialised from the weights file `args["init"]`) trained on the couplings
+    in `args["couplings"]` with `args["objective"]`: {"name": "reflow", "p_uncond", "num_classes"} or
+    {"name": "euler_distill", "nfe"}."""
+    spec, objective = args["spec"], args["objective"]
+    set_torch_threads(spec, threads)
     model = build_denoiser(spec)
-    model.load_state_dict(init_state)
-    config = TrainConfig(**train, progress_bar=progress)
-    z, x, y = coupling
-    trainer = Trainer(model, loss_fn, config, checkpoint_dir, log_fn=log_fn, fingerprint=fingerprint or {"spec": spec})
-    found = trainer.latest_checkpoint()
-    resumed_from = int(found[1]["step"]) if found else 0
-    result = trainer.fit(pair_batches(z, x, y, config.micro_batch_size(trainer.world_size), config.seed))
-    trainer.export(export_path)
-    return result, resumed_from
+    model.load_state_dict(load_weights(args["init"]))
+    if objective["name"] == "reflow":
+        loss_fn = ReflowObjective(objective["p_uncond"], objective["num_classes"])
+    else:
+        loss_fn = EulerDistillObjective(objective["nfe"])
+    z, x, y = read_couplings(args["couplings"])
+    batches = shuffled_batches({"z": z, "x": x, "y": y}, config.micro_batch_size(world_size),
+                               rank_seed(config.seed), what="couplings")
+    return TrainingTask(model, loss_fn, batches, fingerprint={"spec": spec, "objective": objective})
+
+
+# ---------------------------------------------------------------- the reflow stage's rounds
+
+DIAGNOSTIC_PAIRS = 512  # at most this many noise draws / couplings for straightness and coupling diagnostics
+STRAIGHTNESS_STEPS = 32
+
+
+def teacher_identity(teacher_dir: Path | str) -> dict:
+    """What identifies the teacher a coupling came from: its weights digest (its MLflow run is in the lineage)."""
+    return {"path": "models/teacher", "weights_md5": file_md5(Path(teacher_dir) / WEIGHTS_FILE)}
+
+
+def check_couplings_teacher(coupling_manifest: dict, current: dict, couplings_rel: str) -> None:
+    """The couplings' manifest must name the current teacher (its weights digest): DataError otherwise."""
+    recorded = coupling_manifest.get("teacher") or {}
+    for key in ("weights_md5",):
+        if recorded.get(key) != current[key]:
+            raise DataError(f"{couplings_rel} was generated from a different teacher ({key} {recorded.get(key)} in "
+                            f"its manifest, models/teacher has {current[key]}); rerun `dvc repro couplings`")
+
+
+@torch.no_grad()
+def path_straightness(model: LoadedModel, noise: torch.Tensor, cond: Optional[torch.Tensor]) -> float:
+    """Straightness of the model's Euler paths on a fine uniform grid (flow schedule: already the flow frame)."""
+    grid = make_grid("uniform", model.schedule, STRAIGHTNESS_STEPS)
+    result = sample(model.denoiser, model.schedule, grid, noise, method="euler", cond=cond, return_trajectory=True)
+    return straightness(result.trajectory, grid)
+
+
+def round_report(model: LoadedModel, noise: torch.Tensor, cond: Optional[torch.Tensor], coupling, outcome) -> dict:
+    """A reflow round's metrics: training loss, straightness of the model's paths, coupling diagnostics."""
+    z, x, y = (c[:DIAGNOSTIC_PAIRS] if c is not None else None for c in coupling)
+    velocity = lambda x_t, t: model.denoiser(x_t, t, y, target="v")  # noqa: E731
+    diagnostics = coupling_diagnostics(z, x, velocity, generator=torch.Generator().manual_seed(0))
+    return {"final_loss": outcome.final_loss, "steps": outcome.steps, "resumed_from_step": outcome.resumed_from,
+            "straightness": path_straightness(model, noise, cond),
+            **{f"coupling_{k}": diagnostics[k] for k in ("reflow_loss", "fixed_point", "transport_cost",
+                                                         "assignment_cost", "cost_over_assignment")}}
+
+
+def regenerate_couplings(model: LoadedModel, coupling_manifest: dict, work_dir: Path) -> Path:
+    """A fresh coupling through `model` with the couplings stage's count, solver and NFE (seed shifted: fresh
+    noise), written as coupling shards into `work_dir`/shards; returns that directory."""
+    count = coupling_manifest["count"]
+    z, x, y, _ = generate_couplings(model, count, min(count, 2000), coupling_manifest["nfe"],
+                                    coupling_manifest["solver"], coupling_manifest["seed"] + 7919, work_dir / "chunks",
+                                    progress=False)
+    shards = work_dir / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    write_coupling_shards(shards, z, x, y, samples_per_shard=count, samples_per_record=256)
+    return shards
+
+
+def train_reflow(teacher: LoadedModel, spec: dict, couplings_dir: Path, coupling_manifest: dict, p: ReflowParams,
+                 root: Path, out_dir: Path, open_child, tracking_uri: Optional[str] = None,
+                 distributed=None) -> tuple[Path, dict, dict]:
+    """k rounds of rectified flow from the teacher's weights, then (reflow.distill_nfe > 0) the distillation into
+    that many Euler steps; every round and the distillation in a child run `open_child(name, tags)` (a context
+    manager yielding an object with `run_id` and `log_metrics`). Checkpoints under `root`; the k-RF model is saved
+    to `out_dir`/rectified when distilled.
+
+    Returns (weights file of the final model, its spec, {"metrics", "rounds", "distill"}); rounds and distill carry
+    their child run's "mlflow_run_id"."""
+    coupling = read_couplings(couplings_dir)
+    if len(coupling[0]) < p.batch_size:
+        raise DataError(f"the couplings hold {len(coupling[0])} pairs, fewer than reflow.batch_size={p.batch_size}")
+    g = torch.Generator().manual_seed(p.seed + 12345)  # diagnostics noise, disjoint from the couplings' seeds
+    # No more diagnostic paths than couplings: a small CPU run on images otherwise spends minutes on 32-step
+    # straightness solves of 512 images.
+    n_diagnostic = min(DIAGNOSTIC_PAIRS, len(coupling[0]))
+    noise = torch.randn((n_diagnostic, *spec["data_shape"]), generator=g)
+    cond = torch.arange(n_diagnostic) % spec["num_classes"] if spec["num_classes"] else None
+    metrics: dict = {"teacher_straightness": path_straightness(teacher, noise, cond),
+                     "couplings_count": len(coupling[0]), "rounds": p.rounds}
+    objective = {"name": "reflow", "p_uncond": p.p_uncond if spec["num_classes"] is not None else 0.0,
+                 "num_classes": spec["num_classes"]}
+    weights, rounds, model = teacher.directory / WEIGHTS_FILE, [], teacher
+    for round_no in range(1, p.rounds + 1):
+        work = root / f"round{round_no}"
+        if round_no > 1:  # k-rectified flow: re-pair fresh noise through the previous round's model
+            couplings_dir = regenerate_couplings(model, coupling_manifest, work / "couplings")
+            coupling = read_couplings(couplings_dir)
+        with open_child(f"reflow-round{round_no}", {"reflow.round": round_no, "reflow.parent_stage": "reflow"}) as child:
+            job = training_job(coupling_task, {"spec": spec, "init": str(weights), "objective": objective,
+                                            "couplings": str(couplings_dir)}, p, p.train_config(),
+                               work / "ckpt", work / "export.pt", child.run_id, tracking_uri, distributed)
+            outcome = run_job(job, log_fn=child.log_metrics)
+            weights = Path(job.export)
+            model = model_from_weights(spec, weights, out_dir)
+            report = round_report(model, noise, cond, coupling, outcome)
+            child.log_metrics(report)
+        metrics.update({f"round{round_no}_{k}": v for k, v in report.items()})
+        rounds.append({"round": round_no, "mlflow_run_id": child.run_id, **report})
+    metrics["straightness"] = metrics[f"round{p.rounds}_straightness"]
+    metrics["straightness_ratio"] = metrics["straightness"] / max(metrics["teacher_straightness"], 1e-12)
+    if not p.distill_nfe:
+        return weights, spec, {"metrics": metrics, "rounds": rounds, "distill": None}
+
+    save_denoiser(out_dir / "rectified", load_weights(weights), spec)  # the k-RF model before distillation
+    # Unguided like the k-RF model (student_spec): the coupling already carries a guided teacher's guidance.
+    distill_spec = {**spec, "objective": "reflow_distill", "sampler": {**spec["sampler"], "steps": p.distill_nfe}}
+    work = root / f"distill{p.distill_nfe}"  # another step count is another run, not a resume
+    with open_child(f"reflow-distill-{p.distill_nfe}-step", {"reflow.distill_nfe": p.distill_nfe,
+                                                             "reflow.parent_stage": "reflow"}) as child:
+        job = training_job(coupling_task, {"spec": distill_spec, "init": str(weights),
+                                        "objective": {"name": "euler_distill", "nfe": p.distill_nfe},
+                                        "couplings": str(couplings_dir)}, p, p.train_config(steps=p.distill_steps),
+                           work / "ckpt", work / "export.pt", child.run_id, tracking_uri, distributed)
+        outcome = run_job(job, log_fn=child.log_metrics)
+        distilled = model_from_weights(distill_spec, job.export, out_dir)
+        distill = {"final_loss": outcome.final_loss, "steps": outcome.steps,
+                   "straightness": path_straightness(distilled, noise, cond)}
+        child.log_metrics(distill)
+    metrics.update({f"distill_{k}": v for k, v in distill.items()})
+    metrics["distill_nfe"] = p.distill_nfe
+    return Path(job.export), distill_spec, {"metrics": metrics, "rounds": rounds, "distill": {
+        "nfe": p.distill_nfe, "mlflow_run_id": child.run_id, "rectified_model": "rectified/", **distill}}

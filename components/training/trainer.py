@@ -28,6 +28,9 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from components.config import TrainConfig
+from components.errors import UserError
+
 from .distributed import broadcast_from_rank0, init_process_group, world_info
 from .ema import EMA
 
@@ -36,14 +39,13 @@ LogFn = Callable[[dict[str, float], int], None]
 
 _LATEST_FILE = "latest"
 _STATE_FILE = "trainer_state.json"
-_PRECISIONS = ("auto", "fp32", "bf16")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """The checkpoint in ``checkpoint_dir`` was written for a different model/config (fingerprint differs)."""
 
 
-class UnreadableCheckpointError(ValueError):
+class UnreadableCheckpointError(UserError, ValueError):
     """A checkpoint file cannot be read (truncated, garbage, or holding objects beyond plain tensors and containers)."""
 
     def __init__(self, path: str, reason: str) -> None:
@@ -51,74 +53,12 @@ class UnreadableCheckpointError(ValueError):
         self.path = path
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Training produced a NaN/inf loss (or weights); the last good checkpoint is left in place."""
 
     def __init__(self, message: str, step: int) -> None:
         super().__init__(message)
         self.step = step
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings shared by every training stage.
-
-    ``batch_size`` is global (all ranks, all accumulation micro-steps); each item of the ``batches``
-    iterable given to :meth:`Trainer.fit` is one micro-batch of ``batch_size / (world_size * grad_accum)``.
-    ``checkpoint_every = 0`` saves only at the end; ``grad_clip = 0`` disables clipping.
-    """
-
-    steps: int = 1000
-    batch_size: int = 256
-    lr: float = 1e-3
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    ema_decay: float = 0.999
-    zero_stage: int = 0
-    precision: str = "auto"
-    seed: int = 0
-    checkpoint_every: int = 0
-    log_every: int = 50
-    keep_checkpoints: int = 2
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    progress_bar: bool = True
-
-    def __post_init__(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints")
-        for key in positive:
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"{key} must be >= 1, got {key}={getattr(self, key)}")
-        non_negative = ("lr", "warmup_steps", "weight_decay", "grad_clip", "checkpoint_every")
-        for key in non_negative:
-            value = getattr(self, key)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{key} must be a finite number >= 0, got {key}={value}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got lr={self.lr}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got ema_decay={self.ema_decay}")
-        if self.zero_stage not in (0, 1, 2):
-            raise ValueError(f"zero_stage must be 0, 1 or 2, got zero_stage={self.zero_stage}")
-        if self.precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {_PRECISIONS}, got precision={self.precision!r}")
-
-    def resolved_precision(self) -> str:
-        """"auto" -> "bf16" when CUDA is available, else "fp32"."""
-        if self.precision == "auto":
-            return "bf16" if torch.cuda.is_available() else "fp32"
-        return self.precision
-
-    def micro_batch_size(self, world_size: int) -> int:
-        """Per-rank micro-batch size; raises ValueError when batch_size does not split evenly."""
-        divisor = world_size * self.grad_accum
-        if self.batch_size % divisor != 0:
-            raise ValueError(
-                f"batch_size={self.batch_size} is not divisible by world_size={world_size} x "
-                f"grad_accum={self.grad_accum} = {divisor}"
-            )
-        return self.batch_size // divisor
 
 
 @dataclass

@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from components.training.distributed import find_free_port
+from components.io import free_port
 from tests.conftest import project_env, run_flows, run_record, set_params
 
 TINY = {"steps": 4000, "batch_size": 128, "checkpoint_every": 20, "log_every": 10, "plot_samples": 100,
@@ -63,7 +63,7 @@ def _metrics(project):
 
 def test_two_nodes_meet_at_a_loopback_rendezvous_and_train_the_teacher(sharded):
     set_params(sharded, {"teacher": {**TINY, "steps": 30}, "distributed": {"nodes": 2, "processes_per_node": 1}})
-    port = str(find_free_port())
+    port = str(free_port())
     node0 = subprocess.Popen([sys.executable, "-m", "flows", "teacher"], cwd=sharded, stderr=subprocess.PIPE, text=True,
                              env=project_env(NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
     node1 = subprocess.Popen([sys.executable, "-m", "flows.join"], cwd=sharded, stderr=subprocess.PIPE, text=True,
@@ -87,7 +87,7 @@ def test_killing_one_rank_stops_the_job_and_the_rerun_resumes(sharded):
     while time.time() < deadline and not list(ckpt_root.glob("*/step00000020/trainer_state.json")):
         time.sleep(0.5)
     assert list(ckpt_root.glob("*/step00000020")), "no checkpoint appeared"
-    ranks = [p for p in _tree(stage) if "flows.train_worker" in (cmd := " ".join(p.cmdline()))
+    ranks = [p for p in _tree(stage) if "components.training.worker" in (cmd := " ".join(p.cmdline()))
              and "components.training.launcher" not in cmd]  # the ranks, not torchrun's agent
     assert len(ranks) == 2
     listeners = _listening_addresses(_tree(stage))
@@ -104,3 +104,40 @@ def test_killing_one_rank_stops_the_job_and_the_rerun_resumes(sharded):
     assert r.returncode == 0, r.stderr[-3000:]
     m = _metrics(sharded)
     assert m["resumed_from_step"] >= 20 and m["steps"] == 60 and m["processes"] == 2
+
+
+def _ranks_seen(proc: subprocess.Popen, timeout: float) -> int:
+    """Most training ranks (launched worker processes, not torchrun's agent) seen at once while `proc` runs."""
+    most, deadline = 0, time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        ranks = []
+        for p in _tree(proc):
+            try:
+                cmd = " ".join(p.cmdline())
+            except psutil.NoSuchProcess:
+                continue
+            if "worker" in cmd and "components.training.launcher" not in cmd:
+                ranks.append(p)
+        most = max(most, len(ranks))
+        time.sleep(0.3)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+    return most
+
+
+@pytest.mark.parametrize("stage, params", [
+    ("progressive", {"teacher_steps": 2, "steps": 10, "batch_size": 64, "checkpoint_every": 0, "log_every": 5}),
+    ("consistency", {"steps": 10, "batch_size": 64, "checkpoint_every": 0, "log_every": 5}),
+])
+def test_student_stage_on_two_ranks_writes_a_model_with_lineage(taught_project, stage, params):
+    from components.models.store import load_denoiser
+
+    set_params(taught_project, {stage: params, "distributed": {"processes_per_node": 2}})
+    proc = subprocess.Popen([sys.executable, "-m", "flows", stage], cwd=taught_project, env=project_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ranks = _ranks_seen(proc, 600)
+    assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    assert ranks == 2
+    assert load_denoiser(taught_project / f"models/{stage}") is not None
+    assert run_record(taught_project, stage)["mlflow_run_id"]

@@ -9,8 +9,10 @@ import torch
 
 from components.data.shards import read_split
 from components.evaluation.metrics import sliced_wasserstein2
+from components.io import file_records
 from components.models.store import WEIGHTS_FILE, load_denoiser
 from components.training.reflow_training import chunk_noise, read_couplings
+from flows.stage import FILES_KEY
 from tests.conftest import run_flows, set_params, run_record
 
 COUPLINGS = {"count": 2000, "batch_size": 500, "nfe": 32, "samples_per_shard": 800}
@@ -31,11 +33,11 @@ def _json(path):
 def test_couplings_then_reflow_straighten_paths_and_beat_the_teacher_at_one_step(taught):
     r = run_flows(taught, "couplings")
     assert r.returncode == 0, r.stderr[-3000:]
-    manifest = _json(taught / "data/couplings/pairs/manifest.json")
+    manifest = _json(taught / "data/couplings/shards/manifest.json")
     teacher_run = run_record(taught, "teacher")["mlflow_run_id"]
     assert manifest["count"] == 2000 and manifest["nfe"] == 32 and manifest["solver"] == "heun"
     assert run_record(taught, "couplings")["upstream"]["teacher"] == teacher_run
-    z, x, y = read_couplings(taught / "data/couplings/pairs", manifest["shards"])
+    z, x, y = read_couplings(taught / "data/couplings/shards")
     assert z.shape == x.shape == (2000, 2) and y is None
     # The pairs are the teacher's ODE solutions of the recorded fixed-seed noise.
     teacher = load_denoiser(taught / "models/teacher")
@@ -66,6 +68,9 @@ def test_couplings_then_reflow_straighten_paths_and_beat_the_teacher_at_one_step
     # A different teacher than the one recorded in the couplings' manifest: refused with one line.
     state = torch.load(taught / "models/teacher" / WEIGHTS_FILE, weights_only=True)
     torch.save({k: v + 0.01 for k, v in state.items()}, taught / "models/teacher" / WEIGHTS_FILE)
+    manifest = _json(taught / "models/teacher/manifest.json")  # a complete other teacher, files recorded as such
+    manifest[FILES_KEY] = file_records(taught / "models/teacher")
+    (taught / "models/teacher/manifest.json").write_text(json.dumps(manifest))
     r = run_flows(taught, "reflow")
     assert r.returncode != 0 and "generated from a different teacher" in r.stderr + r.stdout
     assert "rerun `dvc repro couplings`" in r.stderr + r.stdout
@@ -76,11 +81,11 @@ def test_couplings_then_reflow_straighten_paths_and_beat_the_teacher_at_one_step
 def _bad_input_rounds_and_distillation(taught):
     """couplings: count < batch size is a params error, too few NFE warns; reflow: count < batch size is refused,
     k = 2 rounds + two-step distillation are nested child runs."""
-    before = (taught / "data/couplings/pairs/manifest.json").read_text()
+    before = (taught / "data/couplings/shards/manifest.json").read_text()
     set_params(taught, {"couplings": {**COUPLINGS, "count": 100, "batch_size": 500}})
     r = run_flows(taught, "couplings")
     assert r.returncode != 0 and "couplings" in r.stderr and "smaller than batch_size" in r.stderr
-    assert (taught / "data/couplings/pairs/manifest.json").read_text() == before  # nothing written
+    assert (taught / "data/couplings/shards/manifest.json").read_text() == before  # nothing written
     set_params(taught, {"couplings": {**COUPLINGS, "count": 500, "nfe": 1, "max_error": 1e-4}})
     r = run_flows(taught, "couplings")
     assert r.returncode == 0, r.stderr[-3000:]

@@ -141,7 +141,7 @@ def test_node_rank_and_rendezvous_come_from_the_environment(monkeypatch) -> None
     monkeypatch.setenv("NODE_RANK", "0")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29555")
-    command = launcher_command(4, ["-m", "flows.train_worker", "job.json"], nodes=2)
+    command = launcher_command(4, ["-m", "components.training.worker", "job.json"], nodes=2)
     assert command[command.index("--nnodes") + 1] == "2" and command[command.index("--node_rank") + 1] == "0"
     assert command[command.index("--master_port") + 1] == "29555"
     assert interface_towards("127.0.0.1") == loopback_interface()

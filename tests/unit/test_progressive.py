@@ -111,8 +111,12 @@ def test_bad_input():
 def test_first_round_distils_the_teacher_as_it_samples_guided_or_not(tmp_path, guidance):
     """A guided conditional teacher is distilled through its guided denoiser w D(c) + (1 - w) D(null) (the students
     then sample unguided); an unguided one through its plain denoiser."""
-    from components.models.store import LoadedModel, build_denoiser
-    from flows.progressive import first_round_teacher
+    from components.config import DataParams, TrainConfig
+    from components.data.shards import write_shards
+    from components.data.sources import load_source
+    from components.io import write_json
+    from components.models.store import build_denoiser, save_denoiser
+    from components.training.distillation import default_guidance, progressive_round_task
 
     spec = {"network": {"kind": "mlp", "kwargs": {"data_dim": 2, "width": 16, "depth": 1, "embed_dim": 8,
                                                   "dropout": 0.0, "num_classes": 3}},
@@ -122,11 +126,18 @@ def test_first_round_distils_the_teacher_as_it_samples_guided_or_not(tmp_path, g
     denoiser = build_denoiser(spec)
     torch.manual_seed(0)
     denoiser.load_state_dict({k: torch.randn_like(v) for k, v in denoiser.state_dict().items()})
-    teacher = LoadedModel(denoiser.eval(), spec, tmp_path)
-    distilled, w = first_round_teacher(teacher)
+    save_denoiser(tmp_path / "teacher", denoiser.state_dict(), spec)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_json(shards / "manifest.json", write_shards(load_source(DataParams(n_samples=40)), shards, val_fraction=0.25,
+                                                      samples_per_shard=100, min_shards=1, seed=0, progress=False))
+    w = default_guidance(spec)
+    task = progressive_round_task({"spec": spec, "init": str(tmp_path / "teacher"), "guidance": w, "student_steps": 4,
+                                   "weighting": "constant", "shards": str(shards)}, TrainConfig(batch_size=8), 1)
+    distilled = task.loss_fn.teacher
     x, t, c = torch.randn(5, 2), torch.full((5,), 0.4), torch.tensor([0, 1, 2, 0, 1])
     with torch.no_grad():
         expected = guidance * denoiser(x, t, c) + (1 - guidance) * denoiser(x, t, torch.full_like(c, 3))
         assert w == guidance
         assert torch.allclose(distilled(x, t, c), expected, atol=1e-6)
-        assert (distilled is denoiser) == (guidance == 1.0)
+        assert torch.equal(task.model(x, t, c), denoiser(x, t, c))  # the student starts from the teacher

@@ -13,11 +13,11 @@ from components.diffusion.samplers import sample
 from components.diffusion.schedules import make_schedule
 from components.errors import DataError
 from components.evaluation.metrics import straightness
-from components.models.store import build_denoiser
+from components.models.store import LoadedModel, build_denoiser, load_denoiser
 from components.objectives.reflow import (EulerDistillObjective, ReflowObjective, coupling_diagnostics,
-                                          reflow_loss, rotation_matrix, rotation_velocity, transport_cost)
-from components.training.reflow_training import (generate_couplings, loaded_from_state, read_couplings,
-                                                 student_spec, write_coupling_shards)
+                                          reflow_loss, transport_cost)
+from components.training.reflow_training import (generate_couplings, read_couplings, student_spec,
+                                                 write_coupling_shards)
 
 MU, STD = torch.tensor([2.0, -1.0], dtype=torch.float64), 0.5
 FLOW = make_schedule("flow")
@@ -110,7 +110,7 @@ def test_euler_distill_objective_unrolls_the_same_steps_as_the_euler_sampler(tmp
     spec = _tiny_spec()
     # random weights everywhere (a fresh network's zero-initialised output layer would make every field zero)
     state = {k: torch.randn_like(v) * 0.5 for k, v in build_denoiser(spec).state_dict().items()}
-    model = loaded_from_state(spec, state, tmp_path)
+    model = _loaded(spec, state, tmp_path)
     z = torch.randn(64, 2, generator=torch.Generator().manual_seed(2))
     x = model.sample(z, steps=2, method="euler", grid="uniform").x
     with torch.no_grad():
@@ -168,7 +168,7 @@ def test_student_spec_refuses_a_non_velocity_teacher_and_samples_with_euler():
 def test_couplings_resume_from_finished_chunks_and_round_trip_through_shards(tmp_path):
     torch.manual_seed(0)
     spec = _tiny_spec()
-    model = loaded_from_state(spec, build_denoiser(spec).state_dict(), tmp_path)
+    model = _loaded(spec, build_denoiser(spec).state_dict(), tmp_path)
     z, x, y, reused = generate_couplings(model, 10, 4, nfe=4, solver="heun", seed=7, work_dir=tmp_path / "w",
                                          progress=False)
     assert reused == 0 and z.shape == x.shape == (10, 2) and y is None
@@ -178,8 +178,8 @@ def test_couplings_resume_from_finished_chunks_and_round_trip_through_shards(tmp
                                            progress=False)
     assert reused == 2 and torch.equal(z, z2) and torch.equal(x, x2)
     shards = write_coupling_shards(tmp_path, z, x, y, samples_per_shard=6, samples_per_record=4)
-    assert shards == ["pairs-000000.tar", "pairs-000001.tar"]
-    z3, x3, y3 = read_couplings(tmp_path, shards)
+    assert shards == ["couplings-000000.tar", "couplings-000001.tar"]
+    z3, x3, y3 = read_couplings(tmp_path)
     assert torch.equal(z3, z) and torch.equal(x3, x) and y3 is None
     with pytest.raises(DataError, match="couplings.count=3 is smaller than couplings.batch_size=4"):
         generate_couplings(model, 3, 4, nfe=4, solver="heun", seed=7, work_dir=tmp_path / "w", progress=False)
@@ -197,9 +197,41 @@ def test_couplings_split_over_two_ranks_equal_one_process(tmp_path):
     worker = Path(__file__).with_name("_couplings_worker.py")
     assert launch_ranks(2, [str(worker), str(model_dir), str(tmp_path / "w2"), str(tmp_path / "two.pt")]) == 0
     two = torch.load(tmp_path / "two.pt", weights_only=True)
-    model = loaded_from_state(spec, torch.load(model_dir / "model.pt", weights_only=True), model_dir)
+    model = load_denoiser(model_dir)
     z, x, _, _ = generate_couplings(model, 10, 4, nfe=4, solver="heun", seed=7, work_dir=tmp_path / "w1",
                                     progress=False)
     assert two["chunks"] == ["chunk000000.pt", "chunk000001.pt", "chunk000002.pt"]  # 2 by rank 0, 1 by rank 1
     assert torch.equal(two["z"], z)
     torch.testing.assert_close(two["x"], x, rtol=1e-5, atol=1e-6)  # float kernels may differ by thread count
+
+
+def _loaded(spec, state, directory) -> LoadedModel:
+    denoiser = build_denoiser(spec)
+    denoiser.load_state_dict(state)
+    return LoadedModel(denoiser.eval(), spec, directory)
+
+
+def rotation_velocity(rotation: torch.Tensor):
+    """Exact velocity of the coupling (z, x = A z) with A a rotation, on x_t = (1 - t) x + t z:
+    v_t(y) = (I - A) ((1 - t) A + t I)^{-1} y (the notes' counterexample, in our time convention).
+
+    A rotation without eigenvalue -1 keeps (1 - t) A + t I invertible on [0, 1], so the paths never cross and the
+    reflow loss is exactly zero, although the coupling is not optimal transport (the OT map of N(0, I) to
+    itself is the identity).
+    """
+    a = torch.as_tensor(rotation, dtype=torch.float64)
+    eye = torch.eye(a.shape[0], dtype=torch.float64)
+
+    def velocity(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t64 = t.to(torch.float64)[:, None, None]
+        mats = (1 - t64) * a + t64 * eye  # [B, D, D]
+        solved = torch.linalg.solve(mats, y.to(torch.float64).unsqueeze(-1)).squeeze(-1)
+        return (solved @ (eye - a).T).to(y.dtype)
+
+    return velocity
+
+
+def rotation_matrix(angle: float) -> torch.Tensor:
+    """2-D rotation by `angle` radians (float64)."""
+    c, s = math.cos(angle), math.sin(angle)
+    return torch.tensor([[c, -s], [s, c]], dtype=torch.float64)

@@ -4,7 +4,7 @@ The code a stage runs is found statically: `python -m flows <stage>` executes th
 `flows/__main__.py` (all but the imports inside `main`, which serve the other commands), then the stage module;
 from there every
 `import` (module level or inside functions, absolute or relative, with each package's `__init__.py`) and every
-string literal naming a repo module (`launch_ranks(["-m", "flows.train_worker"])`) is followed, transitively.
+string literal naming a repo module (`launch_ranks(["-m", "components.training.worker"])`) is followed, transitively.
 Other commands of `flows/__main__.py` (pipeline, serve, lineage, ...) do not run for a stage and are not followed.
 Over-approximating (a function-level import that a given params set never reaches) only costs a rerun; missing a
 file means a stale model, so the walk errs on the side of following.
@@ -154,7 +154,7 @@ def test_stage_inputs_and_their_producers_come_from_dvc_yaml():
     producers = output_producers(REPO)
     assert producers["data/shards"] == "shard" and producers["models/teacher"] == "teacher"
     assert stage_inputs(REPO, importlib.import_module(STAGES["teacher"]).SPEC) == ("data/shards",)
-    assert stage_inputs(REPO, importlib.import_module(STAGES["reflow"]).SPEC) == ("data/couplings/pairs", "models/teacher")
+    assert stage_inputs(REPO, importlib.import_module(STAGES["reflow"]).SPEC) == ("data/couplings/shards", "models/teacher")
 
 
 def test_git_ignores_cached_outputs_and_tracks_metrics():

@@ -4,7 +4,8 @@ import pytest
 from components.config import ModelParams, TeacherParams, UNetParams
 from components.errors import DataError
 from components.models.store import build_denoiser
-from components.training.denoiser_training import run_fingerprint, teacher_spec
+from components.training.denoiser_training import teacher_spec
+from components.training.recipe import fingerprint
 
 POINTS = {"shape": [2], "kind": "points", "num_classes": 8, "sigma_data": 1.1}
 IMAGES = {"shape": [1, 8, 8], "kind": "image", "num_classes": 10, "sigma_data": 0.6}
@@ -38,4 +39,4 @@ def test_conditional_without_labels_is_an_error():
 
 
 def test_fingerprint_changes_with_inputs():
-    assert run_fingerprint({"a": 1}) == run_fingerprint({"a": 1}) != run_fingerprint({"a": 2})
+    assert fingerprint({"a": 1}) == fingerprint({"a": 1}) != fingerprint({"a": 2})

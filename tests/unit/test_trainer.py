@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,7 +164,7 @@ def test_batch_size_not_divisible_and_wrong_batch_rows(tmp_path: Path) -> None:
     trainer = Trainer(_regressor(), _noisy_loss, _config(batch_size=8, grad_accum=2), tmp_path)
     with pytest.raises(ValueError, match=r"batch has 8 rows but the micro-batch size is 4"):
         trainer.fit(_stream(8))
-    with pytest.raises(ValueError, match=r"zero_stage=3"):
+    with pytest.raises(ValueError, match=r"zero_stage"):
         _config(zero_stage=3)
 
 
@@ -232,7 +231,7 @@ def test_grad_accumulation_equals_full_batch_and_grad_norm_is_exact(tmp_path: Pa
     full = Trainer(_regressor(), _deterministic_loss, config, tmp_path / "full", log_fn=lambda m, s: logged.append(m))
     full.fit(full_batches)
     logged_accumulated: list[dict] = []
-    accumulated = Trainer(_regressor(), _deterministic_loss, dataclasses.replace(config, grad_accum=2),
+    accumulated = Trainer(_regressor(), _deterministic_loss, config.model_copy(update={"grad_accum": 2}),
                           tmp_path / "acc", log_fn=lambda m, s: logged_accumulated.append(m))
     accumulated.fit(halves)
     # Adam hides a wrong gradient scale in the weights, so compare the accumulated gradient itself.

@@ -1,0 +1,37 @@
+"""One training rank of a multi-process stage: `python -m torch.distributed.run ... -m components.training.worker
+JOB` (started by components.training.recipe.run_job, and by `python -m flows.join` on the other nodes with JOB "-").
+
+JOB is a JSON file {"job": TrainJob, "result": path}; only rank 0 reads it and sends the job to the others, so the
+ranks of other nodes need no copy of it. Rank 0 logs metrics into the stage's MLflow run and writes the outcome.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+from components.training.distributed import broadcast_from_rank0, init_process_group, world_info
+from components.training.recipe import TrainJob, run_job_here
+
+
+def main(job_path: str) -> int:
+    init_process_group()
+    rank, _ = world_info()
+    document = broadcast_from_rank0(json.loads(open(job_path).read()) if rank == 0 else None)
+    job = TrainJob(**document["job"])
+    log_fn = None
+    if rank == 0 and job.run_id:
+        from components.tracking.metrics import run_metrics_logger
+
+        log_fn = run_metrics_logger(job.tracking_uri, job.run_id)
+    if rank != 0:
+        job = dataclasses.replace(job, train={**job.train, "progress_bar": False})
+    outcome = run_job_here(job, log_fn)
+    if rank == 0:
+        with open(document["result"], "w") as f:
+            json.dump(dataclasses.asdict(outcome), f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
