@@ -30,6 +30,7 @@ from components.evaluation import (MissingDependencyError, extract_features, fre
                                    inception_fid, load_classifier, protocol, quality_vs_nfe, scatter_grid,
                                    trajectory_plot, validate_metrics_schema, write_html_report,
                                    write_quality_tables_per_model)
+from components.evaluation.straightness import path_straightness
 from components.io import read_json, write_json
 from components.models.store import SPEC_FILE, WEIGHTS_FILE, LoadedModel, load_denoiser
 from components.preferences.alignment import alignment_block
@@ -226,7 +227,7 @@ def evaluate_with_progress(ctx: StageContext, progress: protocol.Progress, skipp
         result = protocol.evaluate_model(name, model, reference, p.nfe, p.seed, p.n_sweep, p.samplers, p.grids,
                                          progress)
         noise, cond = protocol.fixed_noise_and_labels(model, min(reference.n, p.straightness_samples), p.seed)
-        estimate, states = protocol.path_straightness(model, noise, cond, p.straightness_steps)
+        estimate, states = path_straightness(model, noise, cond, p.straightness_steps)
         straightness[name] = estimate.value
         straightness[f"{name}_ci"] = [estimate.lo, estimate.hi]
         results[name] = result.entry

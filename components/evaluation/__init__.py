@@ -39,14 +39,6 @@ from components.evaluation.plots import (
 )
 from components.evaluation import protocol, uncertainty
 from components.evaluation.report import MetricsSchemaError, validate_metrics_schema, write_html_report
-from components.evaluation.sweep import (
-    floor_2d,
-    floor_images,
-    make_2d_score_fn,
-    make_image_score_fn,
-    nfe_sweep,
-    validate_nfe_grid,
-)
 
 __all__ = [
     "ClassifierConfig", "MissingDependencyError", "ReferenceClassifier", "extract_features", "inception_fid",
@@ -58,5 +50,4 @@ __all__ = [
     "image_grid", "quality_table_rows", "quality_vs_nfe", "scatter_grid", "trajectory_plot",
     "write_quality_table", "write_quality_tables_per_model",
     "protocol", "uncertainty", "MetricsSchemaError", "validate_metrics_schema", "write_html_report",
-    "floor_2d", "floor_images", "make_2d_score_fn", "make_image_score_fn", "nfe_sweep", "validate_nfe_grid",
 ]

@@ -65,7 +65,7 @@ def fixed_directions(dim: int, n_directions: int = DEFAULT_N_DIRECTIONS, seed: i
     return directions / directions.norm(dim=1, keepdim=True)
 
 
-def _w2_squared_sorted_1d(x_sorted: torch.Tensor, y_sorted: torch.Tensor) -> torch.Tensor:
+def w2_squared_sorted_1d(x_sorted: torch.Tensor, y_sorted: torch.Tensor) -> torch.Tensor:
     """Exact W2^2 between 1-D empirical measures, column-wise; inputs sorted along dim 0.
 
     With equal counts this is the mean squared difference of order statistics. With unequal counts
@@ -103,7 +103,7 @@ def sliced_wasserstein2(
     directions = fixed_directions(x64.shape[1], n_directions, seed)
     x_proj = torch.sort(x64 @ directions.T, dim=0).values
     y_proj = torch.sort(y64 @ directions.T, dim=0).values
-    return float(_w2_squared_sorted_1d(x_proj, y_proj).mean().sqrt())
+    return float(w2_squared_sorted_1d(x_proj, y_proj).mean().sqrt())
 
 
 # --------------------------------------------------------------------------- MMD

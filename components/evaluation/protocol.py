@@ -1,5 +1,5 @@
 """The evaluation protocol v2 (DESIGN.md, "Evaluation protocol" and "Uncertainty"): reference sets and floors,
-scoring with intervals, the sampler x grid sweep at every NFE, straightness, ties against the teacher's best and
+scoring with intervals, the sampler x grid sweep at every NFE, ties against the teacher's best and
 the headline numbers. The evaluate flow wires these together.
 
 Reference sets:
@@ -28,7 +28,7 @@ import torch
 from components.diffusion.consistency import ConsistencyFunction
 from components.diffusion.samplers import sampling_grid, steps_for_nfe
 from components.evaluation.featurizer import ReferenceClassifier, extract_features, predict_labels
-from components.evaluation.metrics import knn_precision_recall, straightness_per_path
+from components.evaluation.metrics import knn_precision_recall
 from components.evaluation.uncertainty import (Estimate, Floor, PointMetrics, below_floor, fd_with_interval,
                                                floor_from_values, intervals_overlap, kid, kid_values,
                                                mean_interval, off_support_fraction, wilson_interval)
@@ -273,47 +273,6 @@ def evaluate_model(name: str, model, reference: Reference, nfe_grid: list[int], 
             f"{b['sampler']} {b[f'{primary}_ratio']:.2f}x [{b[f'{primary}_ratio_ci'][0]:.2f}, "
             f"{b[f'{primary}_ratio_ci'][1]:.2f}] ({len(sweep)} candidates swept)")
     return result
-
-
-# --------------------------------------------------------------------------- straightness
-
-
-def flow_time_grid(schedule, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Times t (descending, t_max -> t_end) whose flow times s = sigma / (alpha + sigma) are uniform; returns (t, s)."""
-    ends = torch.tensor([schedule.t_max, schedule.t_end], dtype=torch.float64)
-    s_ends = schedule.sigma(ends) / (schedule.alpha(ends) + schedule.sigma(ends))
-    s = torch.linspace(float(s_ends[0]), float(s_ends[1]), steps + 1, dtype=torch.float64)
-    inner = s[1:-1]
-    times = torch.cat([ends[:1], schedule.t_of_log_snr(torch.log((1 - inner) / inner)).to(torch.float64), ends[1:]])
-    return times, s
-
-
-def flow_frame_trajectory(model, noise: torch.Tensor, cond: Optional[torch.Tensor],
-                          steps: int) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Euler PF-ODE states on the flow-time-uniform grid, mapped to the flow frame y = x / (alpha + sigma) (where any
-    (alpha, sigma) path reads y_s = (1 - s) x0 + s eps); returns (states, s)."""
-    times, s = flow_time_grid(model.schedule, steps)
-    from components.diffusion.guidance import guided_if_needed
-    from components.diffusion.samplers import sample
-
-    denoiser = guided_if_needed(model.denoiser, float(model.spec["sampler"].get("guidance", 1.0)), cond,
-                                model.num_classes)
-    with torch.no_grad():
-        result = sample(denoiser, model.schedule, times, noise, method="euler", cond=cond, return_trajectory=True)
-    scale = model.schedule.alpha(times) + model.schedule.sigma(times)
-    return [x / float(c) for x, c in zip(result.trajectory, scale)], s
-
-
-def path_straightness(model, noise: torch.Tensor, cond: Optional[torch.Tensor] = None,
-                      steps: int = 32) -> tuple[Estimate, list[torch.Tensor]]:
-    """THE straightness of a model (the one definition, used by evaluate and reflow): Euler on `steps` steps uniform
-    in flow time, states in the flow frame, S = int_0^1 E||(y_1 - y_0) - dy/ds||^2 ds; mean over paths with its
-    95% interval. Returns (estimate, flow-frame states)."""
-    states, s = flow_frame_trajectory(model, noise, cond, steps)
-    per_path = straightness_per_path(states, s).numpy()
-    half = 1.959963984540054 * per_path.std(ddof=1) / math.sqrt(len(per_path))
-    mean = float(per_path.mean())
-    return Estimate(mean, max(0.0, mean - half), mean + half), states
 
 
 # --------------------------------------------------------------------------- verdicts and headline

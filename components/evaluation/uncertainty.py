@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from components.evaluation.metrics import fixed_directions, frechet_distance_from_statistics
+from components.evaluation.metrics import fixed_directions, frechet_distance_from_statistics, w2_squared_sorted_1d
 
 N_BOOT = 50                # bootstrap replicates of fd
 CHUNKS = 10                # disjoint chunk pairs whose spread gives the sd of sw2 and mmd
@@ -146,7 +146,7 @@ class PointMetrics:
 
     @staticmethod
     def sw2_value(a: PointSet, b: PointSet) -> float:
-        return float(_w2sq_sorted(a.sorted_proj, b.sorted_proj).mean().sqrt())
+        return float(w2_squared_sorted_1d(a.sorted_proj.T, b.sorted_proj.T).mean().sqrt())  # rows are directions
 
     @staticmethod
     def mmd_value(a: PointSet, b: PointSet) -> float:
@@ -210,23 +210,6 @@ class PointMetrics:
         self.null_chunk_var = {name: float(np.mean(v)) for name, v in chunk_var.items()}
         floors["w2"] = _floor([float(self.w2_values(r, ref).mean()) for r in real_sets])
         return floors
-
-
-def _w2sq_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-row exact 1-D W2^2 between sorted rows [D, n] and [D, m] (quantile matching when n != m)."""
-    n, m = a.shape[1], b.shape[1]
-    if n == m:
-        return ((a - b) ** 2).mean(1)
-    levels = torch.unique(torch.cat([torch.arange(1, n + 1, dtype=torch.float64) / n,
-                                     torch.arange(1, m + 1, dtype=torch.float64) / m]))
-    levels[-1] = 1.0
-    lower = torch.cat([torch.zeros(1, dtype=torch.float64), levels[:-1]])
-    widths = levels - lower
-    keep = widths > 0
-    mid, widths = ((lower + levels) / 2)[keep], widths[keep]
-    ia = torch.clamp((mid * n).floor().long(), max=n - 1)
-    ib = torch.clamp((mid * m).floor().long(), max=m - 1)
-    return ((a[:, ia] - b[:, ib]) ** 2 * widths).sum(1)
 
 
 def _percentile(value: float, replicates: np.ndarray) -> Estimate:

@@ -19,10 +19,8 @@ from tqdm.auto import tqdm
 from components.config import ReflowParams, TrainConfig
 from components.data.memory import shuffled_batches
 from components.data.shards import read_array_shards, write_array_shards
-from components.diffusion.grids import make_grid
-from components.diffusion.samplers import sample
 from components.errors import DataError
-from components.evaluation.metrics import straightness
+from components.evaluation.straightness import path_straightness as evaluated_straightness
 from components.io import file_md5
 from components.models.store import (WEIGHTS_FILE, LoadedModel, build_denoiser, load_weights, model_from_weights,
                                      save_denoiser)
@@ -179,12 +177,9 @@ def check_couplings_teacher(coupling_manifest: dict, current: dict, couplings_re
                             f"its manifest, models/teacher has {current[key]}); rerun `dvc repro couplings`")
 
 
-@torch.no_grad()
 def path_straightness(model: LoadedModel, noise: torch.Tensor, cond: Optional[torch.Tensor]) -> float:
-    """Straightness of the model's Euler paths on a fine uniform grid (flow schedule: already the flow frame)."""
-    grid = make_grid("uniform", model.schedule, STRAIGHTNESS_STEPS)
-    result = sample(model.denoiser, model.schedule, grid, noise, method="euler", cond=cond, return_trajectory=True)
-    return straightness(result.trajectory, grid)
+    """Mean straightness of the model's paths, by the evaluate stage's one definition."""
+    return evaluated_straightness(model, noise, cond, STRAIGHTNESS_STEPS)[0].value
 
 
 def round_report(model: LoadedModel, noise: torch.Tensor, cond: Optional[torch.Tensor], coupling, outcome) -> dict:

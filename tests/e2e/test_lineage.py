@@ -14,7 +14,7 @@ def test_rerun_with_cached_upstream_links_to_the_producing_run(project):
     from components.tracking.lineage import dvc_locked_hash
 
     add_probe_stages(project)
-    first = run_dvc(project, "repro", "probe_a")  # plain DVC: these runs have no pipeline parent
+    first = run_dvc(project, "repro", "probe_a")  # plain DVC: the parent is this dvc repro invocation's run
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     shard_run = run_record(project, "shard")["mlflow_run_id"]
 
@@ -30,7 +30,8 @@ def test_rerun_with_cached_upstream_links_to_the_producing_run(project):
     assert [c["stage"] for c in chain] == ["probe_a", "shard"]
     probe, shard = chain
     assert probe["upstream"] == {"shard": shard_run} and shard["run_id"] == shard_run
-    assert shard["parent_run_id"] is None and probe["parent_run_id"]  # made by dvc repro, then by the pipeline
+    # made under the first `dvc repro` (its invocation run), then under the pipeline flow's run
+    assert shard["parent_run_id"] and probe["parent_run_id"] and shard["parent_run_id"] != probe["parent_run_id"]
     assert probe["params"]["shard.seed"] == str(yaml.safe_load((project / "params.yaml").read_text())["shard"]["seed"])
     assert [d["digest"] for d in probe["inputs"]] == [dvc_locked_hash(project, "data/shards")]
     assert not shard["inputs"] and not shard["missing"]

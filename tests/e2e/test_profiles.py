@@ -9,20 +9,17 @@
 """
 from __future__ import annotations
 
-import io
 import json
-import pickle
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
 from components.config import Params
 from flows.profile import flatten_profile, profile_overrides, read_profile, validate_profile
+from scripts.gpu_check import write_synthetic_cifar10
 from tests.conftest import REPO, commit_all, project_env, run_cmd, run_flows, set_params
 
 PROFILES = sorted((REPO / "profiles").glob("*.yaml"))
@@ -77,21 +74,6 @@ def test_extra_set_wins_over_the_profile_and_a_typo_is_one_line(tmp_path):
     assert r.stderr.strip().splitlines() == ["error: profile bad.yaml: unknown key 'teacher.stepz'"]
 
 
-def write_cifar10_archive(path: Path, per_batch: int, n_test: int, seed: int = 0) -> None:
-    """A CIFAR-10 python-format archive: cifar-10-batches-py/{data_batch_1..5, test_batch}, pickled dicts with
-    b"data" uint8 [N, 3072] and b"labels"."""
-    rng = np.random.default_rng(seed)
-    with tarfile.open(path, "w:gz") as tar:
-        for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
-            labels = np.arange(n) % 10
-            # class-dependent mean colour so the reference classifier has something to learn
-            data = np.clip(rng.normal(25 * labels[:, None], 30, size=(n, 3072)), 0, 255).astype(np.uint8)
-            blob = pickle.dumps({b"data": data, b"labels": labels.tolist()})
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-
-
 TINY_CPU = ["data.max_samples=120", "shard.samples_per_shard=20", "shard.min_shards=2",
             "model.unet.base_channels=8", "model.unet.num_res_blocks=1",
             "teacher.steps=3", "teacher.batch_size=8", "teacher.warmup_steps=0", "teacher.checkpoint_every=0",
@@ -103,7 +85,7 @@ TINY_CPU = ["data.max_samples=120", "shard.samples_per_shard=20", "shard.min_sha
 
 def test_cifar10_profile_runs_end_to_end_on_a_cpu_subset(project):
     archive = project / "cifar-10-python.tar.gz"
-    write_cifar10_archive(archive, per_batch=20, n_test=40)
+    write_synthetic_cifar10(archive, per_batch=20, n_test=40)
     commit_all(project, "synthetic cifar10 archive")
     sets = [a for o in [f"data.path={archive}", *TINY_CPU] for a in ("--set", o)]
     r = run_cmd(project, sys.executable, "-m", "flows.profile", "cifar10", *sets, "shard", "teacher", "featurizer")

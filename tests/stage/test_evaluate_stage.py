@@ -196,7 +196,7 @@ def test_evaluate_writes_valid_metrics_report_and_mlflow_run_and_reruns_identica
 
 def test_flow_time_grid_is_uniform_in_flow_time_for_edm_and_flow_schedules():
     from components.diffusion.schedules import make_schedule
-    from components.evaluation.protocol import flow_time_grid
+    from components.evaluation.straightness import flow_time_grid
 
     times, s = flow_time_grid(make_schedule("flow"), 8)
     assert torch.allclose(times, torch.linspace(1.0, 0.0, 9, dtype=torch.float64), atol=1e-12)  # s = t for flow

@@ -1,4 +1,4 @@
-"""NFE sweep, plots, plot tables, HTML report and the metrics.json schema validator."""
+"""Plots, plot tables, HTML report and the metrics.json schema validator."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import time
 import pytest
 import torch
 
-from components.evaluation.metrics import disjoint_subsets, mmd_rbf, sliced_wasserstein2
 from components.evaluation.plots import (
     image_grid,
     quality_vs_nfe,
@@ -20,7 +19,6 @@ from components.evaluation.plots import (
     write_quality_tables_per_model,
 )
 from components.evaluation.report import MetricsSchemaError, validate_metrics_schema, write_html_report
-from components.evaluation.sweep import floor_2d, make_2d_score_fn, nfe_sweep, validate_nfe_grid
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -37,61 +35,6 @@ def _valid_2d_metrics() -> dict:
         "reflow": {"straightness": {"teacher": 0.4, "reflow": 0.01}},
         "dpo": {"win_rate": 0.6, "reward_mean": {"reference": 0.1, "dpo": 0.2}, "implicit_accuracy": 0.7},
     }
-
-
-# ------------------------------------------------------------------ sweep
-
-
-def _shrinking_generator(calls: list):
-    """A 'model' whose samples approach N(0, I) as nfe grows: x = noise * (1 + 1/nfe)."""
-
-    def generate(nfe: int, noise: torch.Tensor, cond):
-        calls.append((nfe, noise))
-        return noise * (1.0 + 1.0 / nfe), 2 * nfe - 1
-
-    return generate
-
-
-def test_nfe_sweep_one_entry_per_nfe_with_timing_and_scores():
-    calls: list = []
-    noise = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
-    real = torch.randn(600, 2, generator=torch.Generator().manual_seed(1))
-    real_a, real_b = disjoint_subsets(real, 300)
-    floor = floor_2d(real_a, real_b)
-    result = nfe_sweep(_shrinking_generator(calls), [1, 4, 16], noise, None, make_2d_score_fn(real_b, floor))
-    assert list(result) == ["1", "4", "16"]
-    assert [nfe for nfe, _ in calls] == [1, 4, 16] and all(n is noise for _, n in calls)
-    for nfe, entry in result.items():
-        assert entry["nfe_actual"] == 2 * int(nfe) - 1
-        assert entry["sec_per_sample"] > 0
-        assert entry["sw2_ratio"] == pytest.approx(entry["sw2"] / floor["sw2"])
-        assert entry["mmd"] == pytest.approx(mmd_rbf(noise * (1 + 1 / int(nfe)), real_b))
-    # More steps -> closer to the data in this construction.
-    assert result["1"]["sw2"] > result["4"]["sw2"] > result["16"]["sw2"]
-    assert result["16"]["sw2"] == pytest.approx(sliced_wasserstein2(noise * (1 + 1 / 16), real_b))
-
-
-def test_sec_per_sample_is_generation_wall_time_divided_by_sample_count():
-    pause, n_samples = 0.02, 4
-
-    def slow_generate(nfe, noise, cond):
-        time.sleep(pause)
-        return noise, nfe
-
-    start = time.perf_counter()
-    result = nfe_sweep(slow_generate, [3], torch.zeros(n_samples, 2), None, lambda x: {"score": 1.0})
-    outer = time.perf_counter() - start
-    # Bounds, not a timing assertion: at least the sleep, at most the whole call, both per sample.
-    assert pause / n_samples <= result["3"]["sec_per_sample"] <= outer / n_samples
-    assert result["3"]["score"] == 1.0 and result["3"]["nfe_actual"] == 3
-
-
-@pytest.mark.parametrize("grid", [[0], [-1, 2], [2.0], [], [True], [1, 1], ["4"]])
-def test_bad_nfe_grid_rejected(grid):
-    with pytest.raises(ValueError, match="nfe_grid"):
-        validate_nfe_grid(grid)
-    with pytest.raises(ValueError, match="nfe_grid"):
-        nfe_sweep(_shrinking_generator([]), grid, torch.zeros(4, 2), None, lambda x: {})
 
 
 # ------------------------------------------------------------------ plots and tables
@@ -183,16 +126,6 @@ def test_schema_rejects_bad_metrics_naming_the_key(mutate, message):
     with pytest.raises(MetricsSchemaError, match=message):
         validate_metrics_schema(metrics)
     assert issubclass(MetricsSchemaError, ValueError)
-
-
-def test_sweep_output_plugs_into_valid_metrics(tmp_path):
-    real = torch.randn(400, 2, generator=torch.Generator().manual_seed(3))
-    real_a, real_b = disjoint_subsets(real, 200)
-    floor = floor_2d(real_a, real_b)
-    noise = torch.randn(200, 2, generator=torch.Generator().manual_seed(4))
-    nfe = nfe_sweep(_shrinking_generator([]), [1, 2], noise, None, make_2d_score_fn(real_b, floor))
-    metrics = {"dataset": "gaussian", "floor": floor, "models": {"teacher": {"nfe": nfe}}}
-    validate_metrics_schema(json.loads(json.dumps(metrics)))
 
 
 def test_progress_repeats_the_current_step_while_it_runs_long():

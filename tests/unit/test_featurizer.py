@@ -107,19 +107,17 @@ def test_inception_fid_names_missing_package(tmp_path):
         inception_fid(images, images, weights)
 
 
-def test_image_score_fn_reports_fd_ratio_and_class_accuracy_of_labelled_samples(trained):
-    from components.evaluation.sweep import floor_images, make_image_score_fn
+def test_image_reference_reports_class_accuracy_of_labelled_samples_only(trained):
+    from components.evaluation.protocol import image_reference
 
     model, images, labels = trained
-    real_a, real_b = images[:100], images[100:200]
-    floor = floor_images(model, real_a, real_b)
+    reference = image_reference("stripes", model, images[:100], images[100:200], 60, log=lambda _: None)
     samples, sample_labels = _stripes(60, seed=3)
     null = torch.full((10,), 2)  # label num_classes = "no label": excluded from the accuracy
-    cond = torch.cat([sample_labels[:50], null])
-    scores = make_image_score_fn(model, real_b, floor, cond=cond)(samples)
+    scores = reference.score(samples, torch.cat([sample_labels[:50], null]))
     assert scores["class_accuracy"] == 1.0
-    assert scores["fd_ratio"] == pytest.approx(scores["fd"] / floor["fd"])
+    assert scores["fd_ratio"] == pytest.approx(scores["fd"] / reference.floors["fd"].mean)
     assert 0.0 <= scores["precision"] <= 1.0 and 0.0 <= scores["recall"] <= 1.0
-    flipped = make_image_score_fn(model, real_b, floor, cond=torch.cat([1 - sample_labels[:50], null]))(samples)
+    flipped = reference.score(samples, torch.cat([1 - sample_labels[:50], null]))
     assert flipped["class_accuracy"] == 0.0
-    assert "class_accuracy" not in make_image_score_fn(model, real_b, floor)(samples)
+    assert "class_accuracy" not in reference.score(samples, None)
