@@ -85,6 +85,7 @@ def test_killing_one_rank_stops_the_job_and_the_rerun_resumes(sharded):
     ckpt_root = sharded / "checkpoints/teacher"
     deadline = time.time() + 300
     while time.time() < deadline and not list(ckpt_root.glob("*/step00000020/trainer_state.json")):
+        assert stage.poll() is None, f"the stage exited ({stage.returncode}) before a checkpoint: {stage.stderr.read()[-3000:]}"
         time.sleep(0.5)
     assert list(ckpt_root.glob("*/step00000020")), "no checkpoint appeared"
     ranks = [p for p in _tree(stage) if "components.training.worker" in (cmd := " ".join(p.cmdline()))
