@@ -60,7 +60,8 @@ env -u PREFECT_API_URL PREFECT_SERVER_API_HOST="$UI_HOST" PREFECT_SERVER_API_POR
 pids+=($!); prefect_pid=$!
 mlflow_hosts=()  # MLflow 3 rejects requests whose Host header it does not know
 [[ "$UI_HOST" == "0.0.0.0" ]] && mlflow_hosts=(--allowed-hosts "$UI_PUBLIC_HOST:$MLFLOW_PORT,localhost:$MLFLOW_PORT,127.0.0.1:$MLFLOW_PORT")
-setsid "$PY" -m mlflow server --host "$UI_HOST" --port "$MLFLOW_PORT" --workers "$MLFLOW_WORKERS" "${mlflow_hosts[@]}" \
+# No MLflow job runner (GenAI jobs we do not use): its huey consumers start their own sessions and outlived Ctrl-C.
+MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false setsid "$PY" -m mlflow server --host "$UI_HOST" --port "$MLFLOW_PORT" --workers "$MLFLOW_WORKERS" "${mlflow_hosts[@]}" \
   --backend-store-uri "$MLFLOW_BACKEND" --artifacts-destination "$MLFLOW_ARTIFACTS" \
   >"$LOGS/ui-mlflow.log" 2>&1 &
 pids+=($!); mlflow_pid=$!

@@ -120,6 +120,23 @@ def ui_servers(tmp_path_factory):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+        left = _processes_under(root)  # Ctrl-C of `make ui` must leave no server (or server child) behind
+        for p in left:
+            p.kill()
+        assert not left, [" ".join(p.cmdline())[:200] for p in left]
+
+
+def _processes_under(root: Path) -> list:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if str(root) in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
 
 
 def assert_ui_follows_server(base_url: str) -> None:
