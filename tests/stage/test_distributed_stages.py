@@ -84,10 +84,11 @@ def test_killing_one_rank_stops_the_job_and_the_rerun_resumes(sharded):
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     ckpt_root = sharded / "checkpoints/teacher"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(ckpt_root.glob("*/step00000020/trainer_state.json")):
+    # any complete checkpoint: older ones are pruned as newer ones land, so a fast machine never shows step 20 long
+    while time.time() < deadline and not list(ckpt_root.glob("*/step*/trainer_state.json")):
         assert stage.poll() is None, f"the stage exited ({stage.returncode}) before a checkpoint: {stage.stderr.read()[-3000:]}"
-        time.sleep(0.5)
-    assert list(ckpt_root.glob("*/step00000020")), "no checkpoint appeared"
+        time.sleep(0.2)
+    assert list(ckpt_root.glob("*/step*/trainer_state.json")), "no checkpoint appeared"
     ranks = [p for p in _tree(stage) if "components.training.worker" in (cmd := " ".join(p.cmdline()))
              and "components.training.launcher" not in cmd]  # the ranks, not torchrun's agent
     assert len(ranks) == 2
