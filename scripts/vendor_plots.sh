@@ -14,7 +14,8 @@ command -v npm >/dev/null 2>&1 || {
   echo "warning: npm not found; dvc plots show will load vega from its CDN (see data/evaluate/report/ offline)" >&2; exit 0; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-(cd "$work" && npm pack --silent $PACKAGES >/dev/null)
+(cd "$work" && npm pack --silent $PACKAGES >/dev/null) || {  # optional: a registry outage must not fail setup
+  echo "warning: npm pack $PACKAGES failed; dvc plots show will load vega from its CDN" >&2; exit 0; }
 mkdir -p "$OUT"
 {
   printf '<!DOCTYPE html>\n<html>\n<head>\n    {refresh_tag}\n    <meta charset="utf-8">\n    <title>DVC Plot</title>\n'

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,12 @@ def count_samples_with_plain_tar(shard_dir, split: str) -> int:
                 if m.name.endswith(".x.npy"):
                     n += len(np.load(io.BytesIO(tar.extractfile(m).read())))
     return n
+
+
+def interrupt_session(proc: subprocess.Popen, timeout: float) -> None:
+    """Ctrl-C for a process started with start_new_session=True (its whole group), SIGKILL after `timeout` s."""
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

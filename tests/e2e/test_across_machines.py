@@ -7,10 +7,7 @@ Cheap stages only: `shard` plus the two probe stages of test_pipeline.py (probe_
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import commit_all, project_env, run_cmd, run_dvc, run_flows
+from tests.conftest import commit_all, interrupt_session, project_env, run_dvc, run_flows
 from tests.e2e.test_pipeline import PROBES, add_probe_stages, locked_params, ran_stages
 
 EXPERIMENT = "diffusion-distill"
@@ -115,11 +112,7 @@ def ui_servers(tmp_path_factory):
         yield {"root": root, "base": base, "prefect": f"http://127.0.0.1:{ports['PREFECT_PORT']}",
                "mlflow": f"http://127.0.0.1:{ports['MLFLOW_PORT']}", "output": "".join(lines)}
     finally:
-        os.killpg(proc.pid, signal.SIGINT)  # ui.sh's trap stops the servers
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        interrupt_session(proc, 60)  # ui.sh's trap stops the servers
         left = _processes_under(root)  # Ctrl-C of `make ui` must leave no server (or server child) behind
         for p in left:
             p.kill()
@@ -244,11 +237,7 @@ def test_run_created_through_the_api_completes_on_a_pool_worker(ui_servers):
         assert flow_run.state.is_completed(), flow_run.state
         assert flow_run.work_pool_name == "gpu" and flow_run.name == "pool-seed-5"
     finally:
-        os.killpg(worker.pid, signal.SIGINT)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
+        interrupt_session(worker, 30)
     # params.yaml, dvc.lock and MLflow agree on the override
     assert yaml.safe_load((root / "params.yaml").read_text())["shard"]["seed"] == 5
     for stage in ("shard", "probe_b"):

@@ -7,9 +7,7 @@ Targets are always named so the tests never train the real (slow) model stages.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import commit_all, project_env, run_dvc, run_flows, run_record
+from tests.conftest import commit_all, interrupt_session, project_env, run_dvc, run_flows, run_record
 
 PROBES = ("probe_a", "probe_b")
 
@@ -183,11 +181,7 @@ def test_served_deployment_run_with_override(project, prefect_api):
             assert flow_run.state.is_completed(), flow_run.state
             tasks = task_runs_of(flow_run.id)
     finally:
-        os.killpg(serve.pid, signal.SIGINT)
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
+        interrupt_session(serve, 30)
     # stages ran in DAG order, each as its own task, each really run by DVC
     assert [t.name for t in tasks] == ["shard", "probe_a", "probe_b"]
     assert all(t.state.name == "Ran" for t in tasks)
