@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "true")
 # No telemetry from MLflow or the Prefect SDK: stages run offline, and MLflow's client would start a thread
@@ -73,23 +74,53 @@ def exit_with_parent(poll_seconds: float = 1.0) -> None:
     """Stop this stage (SIGTERM: Prefect marks it Crashed, MLflow FAILED) when the process that started it dies.
 
     Killing `dvc repro` (or the pipeline) must not leave an orphaned stage training on, overlapping the next
-    run. A thread polls the parent pid: when the parent dies the process is re-parented and getppid() changes.
+    run. dvc runs a stage's cmd through $SHELL, or /bin/sh when SHELL is unset (dash, which does not exec the
+    command), so the launcher may be a shell's parent: every process from here up through shells is watched,
+    and a change of any one's parent pid (re-parenting) means its launcher died.
     """
     import signal
     import threading
     import time
 
-    parent = os.getppid()
-    if parent == 1:  # started detached on purpose (nohup, setsid): nothing to follow
+    chain = _launcher_chain()
+    if not chain:  # started detached on purpose (nohup, setsid): nothing to follow
         return
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while all(_parent_of(pid) == parent for pid, parent in chain):
             time.sleep(poll_seconds)
-        print(f"error: the parent process (pid {parent}) exited; stopping stage", file=sys.stderr)
+        print(f"error: the process that started this stage (pid {chain[-1][1]}) exited; stopping stage",
+              file=sys.stderr)
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+SHELLS = {"sh", "dash", "bash", "zsh", "fish", "ksh"}
+
+
+def _parent_of(pid: int) -> int | None:
+    try:  # the field after the parenthesised command name (which may hold spaces) is the state, then ppid
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return os.getppid() if pid == os.getpid() else None
+
+
+def _launcher_chain() -> list[tuple[int, int]]:
+    """(pid, its parent) from this process up to the first ancestor that is not a shell."""
+    chain, pid = [], os.getpid()
+    while True:
+        parent = _parent_of(pid)
+        if not parent or parent == 1:
+            return chain
+        chain.append((pid, parent))
+        try:
+            name = Path(f"/proc/{parent}/comm").read_text().strip()
+        except OSError:
+            return chain
+        if name not in SHELLS:
+            return chain
+        pid = parent
 
 
 def main(argv: list[str] | None = None) -> int:

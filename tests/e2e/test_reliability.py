@@ -95,7 +95,8 @@ def test_kill_9_keeps_the_output_and_the_next_run_closes_the_killed_runs(project
     set_params(project, LONG)
 
     # A second writer is refused with one line naming the holder; killing dvc stops the stage it started.
-    dvc = start(project, "dvc", "repro", "teacher")
+    # dvc runs the cmd through $SHELL; /bin/sh (dash, CI's case when SHELL is unset) stays between dvc and the stage.
+    dvc = start(project, "dvc", "repro", "teacher", SHELL="/bin/sh")
     rec = wait_for_running_stage(project, dvc, old_pid=finished["pid"])
     second = run_flows(project, "teacher")
     assert f"stage 'teacher' is already running: pid {rec['pid']} on " in one_error_line(second)
