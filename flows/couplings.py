@@ -27,7 +27,7 @@ def make_couplings(ctx: StageContext) -> dict:
     p = ctx.params.couplings
     teacher_dir = ctx.path("models/teacher")
     teacher = load_denoiser(teacher_dir)
-    set_torch_threads(teacher.spec)
+    set_torch_threads(teacher.spec, sampling=True)
     identity = teacher_identity(teacher_dir)
     settings = {"solver": p.solver, "nfe": p.nfe, "seed": p.seed, "batch_size": p.batch_size}
     work_dir = ctx.path(f"checkpoints/couplings/{fingerprint(identity['weights_md5'], settings)}")

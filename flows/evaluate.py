@@ -36,7 +36,7 @@ from components.models.store import SPEC_FILE, WEIGHTS_FILE, LoadedModel, load_d
 from components.preferences.alignment import alignment_block
 from components.tracking.lineage import MANIFEST
 from components.tracking.registry import tag_evaluated_versions
-from components.training.denoiser_training import set_torch_threads
+from components.training.recipe import set_torch_threads
 from flows.runtime import repo_root
 from flows.stage import StageContext, StageSpec, declared_deps, read_manifest, run_stage_in_flow
 
@@ -210,8 +210,7 @@ def evaluate_with_progress(ctx: StageContext, progress: protocol.Progress, skipp
         raise DataError(f"no model to evaluate: none of {', '.join(f'models/{m}' for m in p.models)} exists "
                         "(run the model stages first, e.g. `dvc repro teacher`)")
     models = {name: load_model(ctx.path(f"models/{name}"), data_manifest["shape"]) for name in names}
-    # One thread for MLPs: on 2 busy cores, 2 threads made 2-D sampling 5x slower (thread sync dominates).
-    set_torch_threads(models[names[0]].spec)
+    set_torch_threads(models[names[0]].spec, sampling=True)
     progress(f"reference: held-out sets and {protocol.FLOOR_DRAWS} floor draws")
     try:
         reference = build_reference(ctx, kind, dataset, progress)

@@ -78,11 +78,12 @@ def checkpoint_dir(root: Path | str, config: TrainConfig, *identity: Any) -> Pat
     return Path(root) / fingerprint(*identity, settings)
 
 
-def set_torch_threads(spec: dict[str, Any], requested: int = 0) -> int:
-    """Intra-op threads for this process running the model of `spec`: `requested`, or for 0 one thread for MLPs
-    (a small MLP step is dominated by thread synchronisation, which collapses when cores are shared) and all cores
-    for UNets."""
-    threads = requested or (1 if spec["network"]["kind"] == "mlp" else max(1, os.cpu_count() or 1))
+def set_torch_threads(spec: dict[str, Any], requested: int = 0, sampling: bool = False) -> int:
+    """Intra-op threads for this process running the model of `spec`: `requested`, or for 0 all cores, except one
+    thread for training MLPs (a batch-512 MLP step is dominated by thread synchronisation, which collapses when
+    cores are shared). Sampling stages push batches of thousands through an MLP: there 2 threads are 1.7x one."""
+    small = spec["network"]["kind"] == "mlp" and not sampling
+    threads = requested or (1 if small else max(1, os.cpu_count() or 1))
     torch.set_num_threads(threads)
     return threads
 

@@ -110,3 +110,20 @@ def test_unknown_kind_and_bad_image_sizes_raise_clear_errors() -> None:
         net(torch.randn(1, 3, 16, 16), torch.zeros(1))
     with pytest.raises(ValueError, match=r"shape=\(4, 3\)"):
         build_model("mlp", data_dim=2)(torch.randn(4, 3), torch.zeros(4))
+
+
+@pytest.mark.parametrize("num_classes", [None, 3])
+def test_shared_noise_level_fast_path_matches_per_sample_conditioning(num_classes) -> None:
+    """Sampling shares one noise level per step, so eval mode runs the conditioning once per distinct (noise, label):
+    the answer must match the per-sample path (training mode with no dropout computes every row)."""
+    torch.manual_seed(0)
+    net = MLP(num_classes=num_classes, width=32, depth=2)
+    nn.init.normal_(net.output_proj.weight)
+    x, c_noise = torch.randn(64, 2), torch.full((64,), 0.7)
+    conds = [None] if num_classes is None else [None, torch.arange(64) % (num_classes + 1), torch.full((64,), 1)]
+    for cond in conds:
+        with torch.no_grad():
+            fast = net.eval()(x, c_noise, cond)
+            per_sample = net.train()(x, c_noise, cond)
+        assert fast.abs().max() > 0.1
+        torch.testing.assert_close(fast, per_sample, rtol=1e-5, atol=1e-5)
