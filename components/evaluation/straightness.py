@@ -25,6 +25,12 @@ def flow_time_grid(schedule, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     return times, s
 
 
+def straightness_grid(steps: int) -> str:
+    """How path_straightness samples, in words (the evaluate stage's manifest)."""
+    return (f"euler, {steps} steps uniform in flow time s = sigma/(alpha+sigma), states in the flow frame "
+            "x/(alpha+sigma)")
+
+
 def flow_frame_trajectory(model, noise: torch.Tensor, cond: Optional[torch.Tensor],
                           steps: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Euler PF-ODE states on the flow-time-uniform grid, mapped to the flow frame y = x / (alpha + sigma) (where any

@@ -250,14 +250,17 @@ def test_bad_evaluate_params_are_rejected_by_the_schema(override, expected):
 
 
 def test_missing_inception_file_is_an_error_unless_allowed(tmp_path):
-    from flows.evaluate import inception_request
+    from components.evaluation.leaderboard import inception_request
 
+    warnings: list[str] = []
     asked = EvaluateParams(inception_weights="weights/pt_inception.pth")
     with pytest.raises(DataError, match=r"^evaluate.inception_weights: file not found: weights/pt_inception.pth "):
-        inception_request(asked, tmp_path, "image")
+        inception_request(asked, tmp_path, "image", warnings.append)
     allowed = EvaluateParams(inception_weights="weights/pt_inception.pth", allow_missing_inception=True)
-    assert inception_request(allowed, tmp_path, "image") is None
+    assert inception_request(allowed, tmp_path, "image", warnings.append) is None
+    assert warnings == ["evaluate.inception_weights: file not found: weights/pt_inception.pth; Inception-FID skipped "
+                        "(allow_missing_inception)"]
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "pt_inception.pth").write_bytes(b"x")
-    assert inception_request(asked, tmp_path, "image") == tmp_path / "weights" / "pt_inception.pth"
-    assert inception_request(asked, tmp_path, "points") is None  # 2-D data: not applicable
+    assert inception_request(asked, tmp_path, "image", warnings.append) == tmp_path / "weights" / "pt_inception.pth"
+    assert inception_request(asked, tmp_path, "points", warnings.append) is None  # 2-D data: not applicable
