@@ -84,6 +84,13 @@ class SamplerParams(Section):
     guidance: float = Field(1.0, ge=0.0)  # classifier-free guidance weight w (1 = plain conditional)
 
 
+# The constraints of the Trainer's settings, declared once; stage sections restate only their own defaults.
+Count = Annotated[int, Field(ge=1)]             # steps, samples
+Period = Annotated[int, Field(ge=0)]            # warmup and checkpoint periods in steps (0: none)
+Rate = Annotated[float, Field(gt=0.0)]
+Decay = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class TrainConfig(Section):
     """The optimisation settings of the one Trainer: the only schema of training settings. Stage sections
     (TeacherParams, ReflowParams, ...) extend it through TrainParams with their own defaults.
@@ -93,19 +100,19 @@ class TrainConfig(Section):
     ``grad_clip = 0`` disables clipping.
     """
 
-    steps: int = Field(1000, ge=1)
-    batch_size: int = Field(256, ge=1)  # global, over all processes and accumulation steps
-    lr: float = Field(1e-3, gt=0.0)
-    warmup_steps: int = Field(0, ge=0)
+    steps: Count = 1000
+    batch_size: Count = 256  # global, over all processes and accumulation steps
+    lr: Rate = 1e-3
+    warmup_steps: Period = 0
     weight_decay: float = Field(0.0, ge=0.0)
     grad_clip: float = Field(1.0, ge=0.0)
-    grad_accum: int = Field(1, ge=1)
-    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    grad_accum: Count = 1
+    ema_decay: Decay = 0.999
     zero_stage: Literal[0, 1, 2] = 0  # DeepSpeed ZeRO stage
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    checkpoint_every: int = Field(0, ge=0)
-    log_every: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    checkpoint_every: Period = 0
+    log_every: Count = 50
+    keep_checkpoints: Count = 2
     adam_betas: tuple[float, float] = (0.9, 0.999)
     progress_bar: bool = True
     seed: int = 0
@@ -145,11 +152,11 @@ class TrainParams(TrainConfig):
 
 
 class TeacherParams(TrainParams):
-    steps: int = Field(3000, ge=1)
-    batch_size: int = Field(1024, ge=1)
-    lr: float = Field(2e-3, gt=0.0)
-    warmup_steps: int = Field(100, ge=0)
-    checkpoint_every: int = Field(500, ge=0)
+    steps: Count = 3000
+    batch_size: Count = 1024
+    lr: Rate = 2e-3
+    warmup_steps: Period = 100
+    checkpoint_every: Period = 500
     objective: Literal["edm", "eps", "flow"] = "flow"  # measured best on the default data (bench_teacher)
     conditional: bool = False  # class-conditional with label dropout (classifier-free guidance)
     p_uncond: float = Field(0.1, ge=0.0, le=1.0)
@@ -181,11 +188,10 @@ class CouplingsParams(Section):
 class ReflowParams(TrainParams):
     """Rectified-flow training on the couplings (the one Trainer), initialised from the teacher."""
 
-    steps: int = Field(800, ge=1)
-    batch_size: int = Field(512, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    warmup_steps: int = Field(50, ge=0)
-    checkpoint_every: int = Field(200, ge=0)
+    steps: Count = 800
+    batch_size: Count = 512
+    warmup_steps: Period = 50
+    checkpoint_every: Period = 200
     rounds: int = Field(1, ge=1)  # k-rectified flow: rounds > 1 regenerate couplings from the last student
     # Then distil the reflowed model into this many Euler steps (0: off; 1: one-step distillation). 2 is the
     # default: measured on the default data, 2 distilled steps match the teacher's best SW2 (bench_reflow).
@@ -223,13 +229,12 @@ class DPOParams(TrainParams):
 
     beta: float = Field(1000.0, gt=0.0)  # effective beta (diffusers convention: 0.5 x the original code's)
     holdout_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # pairs kept out of training (implicit accuracy)
-    steps: int = Field(200, ge=1)
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-4, gt=0.0)
-    warmup_steps: int = Field(20, ge=0)
-    ema_decay: float = Field(0.95, ge=0.0, lt=1.0)
-    checkpoint_every: int = Field(100, ge=0)
-    log_every: int = Field(20, ge=1)
+    steps: Count = 200
+    lr: Rate = 1e-4
+    warmup_steps: Period = 20
+    ema_decay: Decay = 0.95
+    checkpoint_every: Period = 100
+    log_every: Count = 20
 
 
 class ProgressiveParams(TrainParams):
@@ -237,12 +242,9 @@ class ProgressiveParams(TrainParams):
 
     teacher_steps: int = Field(16, ge=2)  # the teacher's DDIM steps (uniform grid); a power of two
     weighting: Literal["truncated_snr", "snr_plus_one", "constant"] = "truncated_snr"
-    steps: int = Field(300, ge=1)
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(1e-3, gt=0.0)
-    warmup_steps: int = Field(0, ge=0)
-    ema_decay: float = Field(0.99, ge=0.0, lt=1.0)
-    checkpoint_every: int = Field(100, ge=0)
+    steps: Count = 300
+    ema_decay: Decay = 0.99
+    checkpoint_every: Period = 100
 
     @model_validator(mode="after")
     def _power_of_two(self) -> "ProgressiveParams":
@@ -263,12 +265,10 @@ class ConsistencyParams(TrainParams):
     target_ema: float = Field(0.95, ge=0.0, lt=1.0)
     huber_c: Optional[float] = Field(None, gt=0.0)  # None: 0.00054 sqrt(dim)
     sampler_steps: int = Field(1, ge=1)  # default sampling (evaluate sweeps its own NFE grid)
-    steps: int = Field(800, ge=1)
-    batch_size: int = Field(256, ge=1)
-    lr: float = Field(5e-4, gt=0.0)
-    warmup_steps: int = Field(0, ge=0)
-    ema_decay: float = Field(0.99, ge=0.0, lt=1.0)
-    checkpoint_every: int = Field(200, ge=0)
+    steps: Count = 800
+    lr: Rate = 5e-4
+    ema_decay: Decay = 0.99
+    checkpoint_every: Period = 200
 
     @model_validator(mode="after")
     def _range(self) -> "ConsistencyParams":
