@@ -1,7 +1,9 @@
 """Fixed cost of one stage, and where it goes.
 
 1. `python -m flows selfcheck`: the stage contract with an empty body (process start, imports, params validation,
-   Prefect flow run on an already running server, MLflow run with tags/params/manifest artifact, atomic output).
+   Prefect flow run on an already running server, MLflow run with tags/params/manifest artifact, atomic output),
+   with the default local sqlite store and, interleaved, through an MLflow tracking server (`mlflow server`, as on
+   a cluster): the sqlite store costs each stage process its SQLAlchemy/alembic imports (~1 CPU-s).
 2. The import cost of each stage's flow module (`python -c "import flows.<stage>"`): what a stage pays before its
    body runs, on top of the contract (torch, plotting, ...).
 3. A breakdown of the start-up pieces, each in a fresh process: python, params schema (pydantic), Prefect, MLflow,
@@ -29,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from components.io import write_json  # noqa: E402
+from components.io import free_port, write_json  # noqa: E402
 from flows import STAGES  # noqa: E402
 from flows.runtime import configure_prefect, repo_root  # noqa: E402
 
@@ -72,6 +74,33 @@ def fmt(s: dict) -> str:
             f"wall {s['wall']['median']:5.2f} s [{s['wall']['min']:.2f}, {s['wall']['max']:.2f}]")
 
 
+def start_mlflow_server(workdir: Path, env: dict) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on 127.0.0.1 with its own sqlite store and artifact root; returns (process, uri)."""
+    import urllib.request
+
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    # As `make ui` runs it: one server process (MLflow's default 4 get restarted on a loaded machine, dropping
+    # requests that the client then retries with backoff) and no GenAI job runner.
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
+                             "--artifacts-destination", str(workdir / "artifacts")],
+                            env={**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(uri + "/health", timeout=2).read()
+            return proc, uri
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit(f"mlflow server exited with {proc.returncode}")
+            time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit("mlflow server did not answer /health within 120 s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
@@ -86,10 +115,21 @@ def main() -> None:
     checkouts = {"after": root, **({"before": args.before.resolve()} if args.before else {})}
     load_start = os.getloadavg()
 
-    selfcheck = {name: [] for name in checkouts}
-    for _ in range(args.runs):
-        for name, where in checkouts.items():
-            selfcheck[name].append(measure([py, "-m", "flows", "selfcheck"], where, env))
+    import tempfile
+
+    server_dir = Path(tempfile.mkdtemp(prefix="bench-mlflow-"))
+    server, server_uri = start_mlflow_server(server_dir, env)
+    variants = {**{name: (where, env) for name, where in checkouts.items()},
+                "after, MLflow server": (root, {**env, "MLFLOW_TRACKING_URI": server_uri})}
+    selfcheck = {name: [] for name in variants}
+    try:
+        measure([py, "-m", "flows", "selfcheck"], root, variants["after, MLflow server"][1])  # server warm-up
+        for _ in range(args.runs):
+            for name, (where, run_env) in variants.items():
+                selfcheck[name].append(measure([py, "-m", "flows", "selfcheck"], where, run_env))
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
     stage_imports = {name: {stage: [] for stage in args.stages} for name in checkouts}
     for _ in range(max(2, args.runs // 2)):
         for stage in args.stages:
@@ -105,7 +145,7 @@ def main() -> None:
               "breakdown": breakdown, "runs": args.runs, "checkouts": {k: str(v) for k, v in checkouts.items()},
               "load_average_start": load_start, "load_average_end": os.getloadavg(),
               "command": "python benchmarks/bench_stage_overhead.py " + " ".join(sys.argv[1:])}
-    for name in checkouts:
+    for name in variants:
         print(f"selfcheck ({name}): {fmt(result['selfcheck'][name])}")
     for stage in args.stages:
         print(f"import flows.{stage:12s} " + "  |  ".join(

@@ -16,8 +16,8 @@ from prefect import flow, get_run_logger
 from components.models.store import load_denoiser
 from components.objectives.reflow import transport_cost
 from components.training.recipe import fingerprint, set_torch_threads
-from components.training.reflow_training import (chunk_noise, coupling_error, generate_couplings, teacher_identity,
-                                                 write_coupling_shards)
+from components.training.reflow_training import (chunk_noise, couplings_on_ranks, coupling_error, generate_couplings,
+                                                 teacher_identity, write_coupling_shards)
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
 SPEC = StageSpec(name="couplings", output="data/couplings/shards", sections=("couplings",))
@@ -43,6 +43,11 @@ def make_couplings(ctx: StageContext) -> dict:
         warnings.warn(message, stacklevel=1)
 
     started = time.time()
+    ranks = ctx.params.distributed.world_size
+    found = 0
+    if ranks > 1:  # the ranks solve the chunks; generate_couplings below then reads them in order
+        found = couplings_on_ranks(teacher_dir, p.count, p.batch_size, p.nfe, p.solver, p.seed, work_dir,
+                                   ctx.params.distributed)
     z, x, y, reused = generate_couplings(teacher, p.count, p.batch_size, p.nfe, p.solver, p.seed, work_dir)
     seconds = time.time() - started
     shards = write_coupling_shards(ctx.out_dir, z, x, y, p.samples_per_shard, p.samples_per_record)
@@ -56,7 +61,8 @@ def make_couplings(ctx: StageContext) -> dict:
         "guidance": float(teacher.spec["sampler"].get("guidance", 1.0)) if teacher.num_classes else None,
     })
     shutil.rmtree(work_dir, ignore_errors=True)  # the chunks only serve a resume; the shards are the output
-    return {"count": len(z), "nfe": p.nfe, "relative_error": error, "reused_chunks": reused,
+    return {"count": len(z), "nfe": p.nfe, "relative_error": error, "processes": ranks,
+            "reused_chunks": reused if ranks == 1 else found,
             "generate_seconds": round(seconds, 2), "couplings_per_sec": round((len(z)) / max(seconds, 1e-9), 1),
             "transport_cost": transport_cost(z, x)}
 

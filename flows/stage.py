@@ -276,6 +276,8 @@ def settle_previous_run(stage: str, previous: dict) -> None:
     closed = []
     if previous.get("mlflow_run_id") and previous.get("tracking_uri"):
         try:
+            # A server that has gone since (a benchmark's, a colleague's) fails in seconds, not minutes of retries.
+            check_tracking_server(previous["tracking_uri"])
             if end_abandoned_run(previous["tracking_uri"], previous["mlflow_run_id"],
                                  "FINISHED" if completed else "FAILED", note):
                 closed.append(f"MLflow run {previous['mlflow_run_id']} -> {'FINISHED' if completed else 'FAILED'}")

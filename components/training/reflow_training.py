@@ -7,6 +7,7 @@ the DVC output, so an interrupted run regenerates only the missing chunks.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -22,10 +23,10 @@ from components.data.shards import read_array_shards, write_array_shards
 from components.errors import DataError
 from components.evaluation.straightness import path_straightness as evaluated_straightness
 from components.io import file_md5
-from components.models.store import (WEIGHTS_FILE, LoadedModel, build_denoiser, load_weights, model_from_weights,
-                                     save_denoiser)
+from components.models.store import (WEIGHTS_FILE, LoadedModel, build_denoiser, load_denoiser, load_weights,
+                                     model_from_weights, save_denoiser)
 from components.objectives.reflow import EulerDistillObjective, ReflowObjective, coupling_diagnostics
-from components.training.distributed import barrier, rank_share
+from components.training.distributed import barrier, launch_ranks, rank_share, world_info
 from components.training.recipe import TrainingTask, rank_seed, run_job, set_torch_threads, training_job
 
 COUPLING_PREFIX = "couplings"  # shard files couplings-%06d.tar
@@ -117,6 +118,38 @@ def generate_couplings(model: LoadedModel, count: int, batch_size: int, nfe: int
         if y is not None:
             ys.append(y)
     return torch.cat(zs), torch.cat(xs), (torch.cat(ys) if ys else None), reused
+
+
+def couplings_on_ranks(teacher_dir: Path | str, count: int, batch_size: int, nfe: int, solver: str, seed: int,
+                       work_dir: Path | str, distributed) -> int:
+    """Solve every chunk of :func:`generate_couplings` into `work_dir` on the ranks of `distributed` (its
+    processes_per_node x nodes, through the one launcher); the chunk files, named by index, are the merge, so the
+    caller's own `generate_couplings` then only reads them: the same pairs as one process. With several nodes,
+    `work_dir` must be on a filesystem every node sees (as checkpoints are). Returns the number of chunk files an
+    earlier, interrupted run had left (kept when their size matches)."""
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    found = len(list(work_dir.glob("chunk*.pt")))
+    job_file = work_dir / "job.json"
+    args = {"teacher_dir": str(Path(teacher_dir).resolve()), "count": count, "batch_size": batch_size, "nfe": nfe,
+            "solver": solver, "seed": seed, "work_dir": str(work_dir.resolve())}
+    job_file.write_text(json.dumps({"kind": "couplings", "job": args}))
+    try:
+        code = launch_ranks(distributed.processes_per_node, ["-m", "components.training.worker", str(job_file)],
+                            nodes=distributed.nodes, timeout_s=distributed.timeout_s)
+    finally:
+        job_file.unlink(missing_ok=True)
+    if code != 0:
+        raise RuntimeError(f"couplings ranks exited with code {code} (see their output above)")
+    return found
+
+
+def solve_couplings_here(args: dict[str, Any]) -> None:
+    """One launched rank's share of :func:`couplings_on_ranks`."""
+    teacher = load_denoiser(args["teacher_dir"])
+    set_torch_threads(teacher.spec, sampling=True)
+    generate_couplings(teacher, args["count"], args["batch_size"], args["nfe"], args["solver"], args["seed"],
+                       args["work_dir"], progress=world_info()[0] == 0)
 
 
 def write_coupling_shards(out_dir: Path | str, z: torch.Tensor, x: torch.Tensor, y: Optional[torch.Tensor],

@@ -1,8 +1,10 @@
-"""One training rank of a multi-process stage: `python -m torch.distributed.run ... -m components.training.worker
-JOB` (started by components.training.recipe.run_job, and by `python -m flows.join` on the other nodes with JOB "-").
+"""One rank of a multi-process stage: `python -m torch.distributed.run ... -m components.training.worker JOB`
+(started by components.training.recipe.run_job or reflow_training.couplings_on_ranks, and by `python -m flows.join`
+on the other nodes with JOB "-").
 
-JOB is a JSON file {"job": TrainJob, "result": path}; only rank 0 reads it and sends the job to the others, so the
-ranks of other nodes need no copy of it. Rank 0 logs metrics into the stage's MLflow run and writes the outcome.
+JOB is a JSON file: {"job": TrainJob, "result": path} for training, where rank 0 logs metrics into the stage's MLflow
+run and writes the outcome; {"kind": "couplings", "job": {...}} for the couplings solve, where each rank writes its
+chunks. Only rank 0 reads it and sends the job to the others, so the ranks of other nodes need no copy of it.
 """
 from __future__ import annotations
 
@@ -18,6 +20,11 @@ def main(job_path: str) -> int:
     init_process_group()
     rank, _ = world_info()
     document = broadcast_from_rank0(json.loads(open(job_path).read()) if rank == 0 else None)
+    if document.get("kind") == "couplings":
+        from components.training.reflow_training import solve_couplings_here
+
+        solve_couplings_here(document["job"])
+        return 0
     job = TrainJob(**document["job"])
     log_fn = None
     if rank == 0 and job.run_id:

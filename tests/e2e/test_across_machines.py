@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.io import free_port
 from tests.conftest import commit_all, interrupt_session, project_env, run_dvc, run_flows
 from tests.e2e.test_pipeline import PROBES, add_probe_stages, locked_params, ran_stages
 
@@ -80,12 +81,6 @@ def test_push_then_fresh_clone_pulls_everything_and_reproduces_nothing(project):
 
 
 # ---------------------------------------------------------------- make ui: Prefect + MLflow servers
-
-def free_port() -> int:
-    from flows.runtime import free_port as pick
-
-    return pick()
-
 
 @pytest.fixture(scope="module")
 def ui_servers(tmp_path_factory):

@@ -214,3 +214,22 @@ def test_read_only_data_dir_is_one_line(project):
         subprocess.run(unlock, check=True)
     assert f"stage 'shard' cannot write to {data}" in one_error_line(r)
     assert not (data / "shards").exists()
+
+
+def test_a_killed_run_on_a_tracking_server_that_has_gone_does_not_stall_the_next_run(project):
+    """The previous holder of the stage lock logged to an MLflow server that no longer runs: the next run warns that
+    it could not close that run and goes on (a health check, not minutes of HTTP retries)."""
+    from components.io import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    locks = project / "checkpoints/.locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    (locks / "selfcheck.lock").write_text(json.dumps({
+        "pid": 999_999_999, "host": os.uname().nodename, "started_unix": time.time() - 60, "stage": "selfcheck",
+        "tracking_uri": dead, "mlflow_run_id": "0" * 32}))
+    # The bound only stops a regression from hanging the suite; MLflow's own retries would take minutes.
+    r = subprocess.run([sys.executable, "-m", "flows", "selfcheck"], cwd=project, env=project_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"could not close the previous 'selfcheck' MLflow run {'0' * 32}: MLflow server not reachable at {dead}" \
+        in r.stderr

@@ -145,3 +145,30 @@ def test_student_stage_on_two_ranks_writes_a_model_with_lineage(taught_project, 
     assert ranks == 2
     assert load_denoiser(taught_project / f"models/{stage}") is not None
     assert run_record(taught_project, stage)["mlflow_run_id"]
+
+
+def test_couplings_on_two_ranks_write_the_same_shards_as_one_process(taught_project):
+    """Issue 15: the couplings solve split over 2 launched ranks (chunks by index) merges into byte-identical
+    shards to one process's, given the seeds."""
+    import hashlib
+
+    def shard_digests() -> dict[str, str]:
+        out = taught_project / "data/couplings/shards"
+        return {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.tar"))}
+
+    tiny = {"count": 96, "batch_size": 16, "nfe": 4, "error_samples": 16, "samples_per_shard": 48,
+            "samples_per_record": 16, "max_error": 10.0}
+    set_params(taught_project, {"couplings": tiny})
+    r = run_flows(taught_project, "couplings")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = shard_digests()
+    assert len(one) == 2
+
+    set_params(taught_project, {"distributed": {"processes_per_node": 2}})
+    proc = subprocess.Popen([sys.executable, "-m", "flows", "couplings"], cwd=taught_project, env=project_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ranks = _ranks_seen(proc, 600)
+    assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    assert ranks == 2
+    assert shard_digests() == one
+    assert json.loads((taught_project / "data/couplings/metrics.json").read_text())["processes"] == 2
