@@ -182,7 +182,8 @@ def score_models(models: dict[str, LoadedModel], reference: protocol.Reference, 
         if any(plotted in entry for r in results.values() for entry in r["best"].values()):
             floor = reference.floors.get(plotted)
             images[f"{plotted} vs NFE (best sampler)"] = quality_vs_nfe(
-                best_tables, plotted, report / f"{plotted}_vs_nfe.png", floor=floor.mean if floor else None)
+                best_tables, plotted, report / f"{plotted}_vs_nfe.png", floor=floor.mean if floor else None,
+                floor_sd=floor.sd if floor else None)
     write_quality_tables_per_model(best_tables, report / "plots")
     metrics: dict[str, Any] = {
         "dataset": reference.dataset,

@@ -112,13 +112,14 @@ def image_grid(
     return _save(figure, path)
 
 
-def quality_vs_nfe(
+def quality_vs_nfe_figure(
     models: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]],
     metric: str,
-    path: str | Path,
     floor: float | None = None,
-) -> Path:
-    """Line plot of ``metric`` against NFE (log2 x axis), one line per model, dashed line at the floor."""
+    floor_sd: float | None = None,
+) -> Figure:
+    """``metric`` against NFE (log2 x axis), one line per model with its 95% interval (``<metric>_ci``) as a band;
+    the floor (real vs real) dashed with a +-1 sd band (the floor draws' spread)."""
     figure = _new_figure(figsize=(5, 3.5))
     axis = figure.add_subplot()
     plotted = 0
@@ -126,22 +127,41 @@ def quality_vs_nfe(
     for model, entry in models.items():
         nfe_entries = entry.get("nfe", {})
         keys = [k for k in _sorted_nfe_keys(nfe_entries) if metric in nfe_entries[k]]
-        if keys:
-            axis.plot([int(k) for k in keys], [nfe_entries[k][metric] for k in keys], marker="o", label=model)
-            all_nfe.update(int(k) for k in keys)
-            plotted += 1
+        if not keys:
+            continue
+        nfes, values = [int(k) for k in keys], [nfe_entries[k][metric] for k in keys]
+        (line,) = axis.plot(nfes, values, marker="o", label=model)
+        intervals = [nfe_entries[k].get(f"{metric}_ci") for k in keys]
+        if all(ci is not None for ci in intervals):
+            axis.fill_between(nfes, [ci[0] for ci in intervals], [ci[1] for ci in intervals],
+                              color=line.get_color(), alpha=0.2, linewidth=0)
+        all_nfe.update(nfes)
+        plotted += 1
     if plotted == 0:
         raise ValueError(f"metric {metric!r}: no model has values for it")
     if floor is not None:
         axis.axhline(floor, linestyle="--", color="0.4", label="floor (real vs real)")
+        if floor_sd:
+            axis.axhspan(floor - floor_sd, floor + floor_sd, color="0.4", alpha=0.15, linewidth=0)
     axis.set_xscale("log", base=2)
     # Plain integer tick labels (1, 2, 4, ...) read better than 2^k.
     axis.set_xticks(sorted(all_nfe), [str(n) for n in sorted(all_nfe)])
     axis.set_xlabel("NFE")
-    axis.set_ylabel(metric)
+    axis.set_ylabel(f"{metric} (band: 95% interval)")
     axis.legend(fontsize=8)
     axis.grid(alpha=0.3)
-    return _save(figure, path)
+    return figure
+
+
+def quality_vs_nfe(
+    models: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]],
+    metric: str,
+    path: str | Path,
+    floor: float | None = None,
+    floor_sd: float | None = None,
+) -> Path:
+    """quality_vs_nfe_figure written to a PNG."""
+    return _save(quality_vs_nfe_figure(models, metric, floor, floor_sd), path)
 
 
 def trajectory_plot(

@@ -13,6 +13,7 @@ import torch
 from components.evaluation.plots import (
     image_grid,
     quality_vs_nfe,
+    quality_vs_nfe_figure,
     scatter_grid,
     trajectory_plot,
     write_quality_table,
@@ -58,6 +59,26 @@ def test_plots_are_written(tmp_path):
     _assert_png(trajectory_plot(trajectory, tmp_path / "paths.png", n_paths=3, real=real))
     with pytest.raises(ValueError, match="fid"):
         quality_vs_nfe(metrics["models"], "fid", tmp_path / "none.png")
+
+
+def test_quality_plot_draws_each_interval_as_a_band_and_the_floor_with_its_sd():
+    from matplotlib.collections import PolyCollection
+
+    cell = {"1": {"sw2": 0.30, "sw2_ci": [0.25, 0.40]}, "4": {"sw2": 0.10, "sw2_ci": [0.08, 0.13]},
+            "16": {"sw2": 0.06, "sw2_ci": [0.05, 0.07]}}
+    models = {"teacher": {"nfe": cell}, "reflow": {"nfe": {"1": {"sw2": 0.2}, "4": {"sw2": 0.1}}}}  # no intervals
+    axis = quality_vs_nfe_figure(models, "sw2", floor=0.05, floor_sd=0.01).axes[0]
+    bands = [c for c in axis.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 1  # the teacher's; the reflow line has no intervals to draw
+    outline = bands[0].get_paths()[0].vertices
+    for nfe, entry in cell.items():  # the band spans [lo, hi] at every NFE
+        ys = outline[outline[:, 0] == int(nfe)][:, 1]
+        assert sorted(set(ys.round(9))) == entry["sw2_ci"]
+    floor_band = [p for p in axis.patches if p.get_path().vertices.size]
+    assert len(floor_band) == 1
+    ys = floor_band[0].get_transform().transform(floor_band[0].get_path().vertices)[:, 1]
+    lo, hi = axis.transData.inverted().transform([[0, ys.min()], [0, ys.max()]])[:, 1]
+    assert (round(lo, 9), round(hi, 9)) == (0.04, 0.06)
 
 
 def test_quality_tables_are_flat_rows(tmp_path):
