@@ -1,4 +1,5 @@
-"""metrics.json schema check (DESIGN.md, "Evaluation protocol") and the one-page HTML report."""
+"""metrics.json schema check (DESIGN.md, "Evaluation protocol"), the one-page HTML report and the terminal
+leaderboard (`python -m flows.summary`)."""
 
 from __future__ import annotations
 
@@ -161,11 +162,16 @@ def _cell_text(entry: Mapping[str, Any], metric: str) -> str:
     return text
 
 
+def primary_metric(metrics: Mapping[str, Any]) -> str:
+    """The metric a metrics.json ranks by: sw2 for 2-D data, fd for images."""
+    return "sw2" if "sw2" in metrics.get("floor", {}) else "fd"
+
+
 def _quality_section(metrics: Mapping[str, Any]) -> str:
     models = metrics.get("models", {})
     if not models:
         return "<p>No model was evaluated.</p>"
-    metric = "sw2" if "sw2" in metrics.get("floor", {}) else "fd"
+    metric = primary_metric(metrics)
     parts = [f"<p>{metric} as a multiple of the floor, best sampler x grid at each NFE, with its 95% interval; "
              "'tie' where the interval overlaps that of the teacher's best cell.</p>"]
     nfes = sorted({int(n) for m in models.values() for n in m.get("nfe", {})})
@@ -259,3 +265,53 @@ def write_html_report(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+# --------------------------------------------------------------------------- terminal leaderboard
+
+SUMMARY_MARK = {"tie": "=", "better": "+", "worse": "", None: ""}
+
+
+def summary_cell(entry: Mapping[str, Any], metric: str) -> str:
+    """'1.61 [1.40,1.80]=': the ratio to the floor, its interval, '=' tie / '+' better than the teacher's best,
+    '!' below the floor."""
+    value, ci = entry.get(f"{metric}_ratio"), entry.get(f"{metric}_ratio_ci")
+    if value is None:
+        return "-"
+    text = f"{value:.2f}" + (f" [{ci[0]:.2f},{ci[1]:.2f}]" if ci else "")
+    text += SUMMARY_MARK.get(entry.get("vs_teacher_best"), "")
+    if entry.get(f"{metric}_below_floor"):
+        text += "!"
+    return text
+
+
+def summary_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """The leaderboard as text: models x NFE, each cell the best sampler's ratio to the floor with its interval."""
+    metric = primary_metric(metrics)
+    nfes = sorted({int(n) for m in metrics["models"].values() for n in m["nfe"]})
+    width = 19
+    head = f"{'model':12s}" + "".join(f"{'NFE ' + str(n):>{width}s}" for n in nfes)
+    floor_sd = metrics.get("floor_sd", {}).get(metric)
+    floor_text = f"{metrics['floor'][metric]:.4g}" + (f" +- {floor_sd:.2g} sd over {metrics.get('floor_draws')} draws"
+                                                       if floor_sd is not None else "")
+    lines = [f"{metrics.get('dataset', '?')}: {metric} as a multiple of the floor ({metric} between disjoint real sets "
+             f"= {floor_text}), n = {metrics.get('n_samples')}; best sampler at each NFE, [95% interval];",
+             "'=' tie with the teacher's best (intervals overlap), '+' better, '!' below the floor (an artefact, "
+             "not a win); lower is better, 1 = floor",
+             head, "-" * len(head)]
+    for name, model in metrics["models"].items():
+        table = model.get("best", model["nfe"])
+        lines.append(f"{name:12s}" + "".join(f"{summary_cell(table[str(n)], metric) if str(n) in table else '-':>{width}s}"
+                                             for n in nfes))
+    best = metrics.get("teacher_best")
+    if best:
+        ci = best[f"{metric}_ratio_ci"]
+        lines.append(f"teacher's best: NFE {best['nfe']} with {best['sampler']}: {best[f'{metric}_ratio']:.2f} "
+                     f"[{ci[0]:.2f}, {ci[1]:.2f}]")
+    samplers = {name: sorted({c.get("sampler", "") for c in m.get("best", {}).values()})
+                for name, m in metrics["models"].items()}
+    lines.append("best samplers: " + "; ".join(f"{k} {', '.join(v)}" for k, v in samplers.items() if v))
+    if metrics.get("straightness"):
+        lines.append("straightness (0 = straight paths): " +
+                     ", ".join(f"{k} {v:.3f}" for k, v in metrics["straightness"].items() if not k.endswith("_ci")))
+    return lines

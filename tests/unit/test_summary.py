@@ -1,5 +1,5 @@
 """The end-of-demo leaderboard reads metrics.json: intervals, ties, below-floor flags (2-D and image metrics)."""
-from flows.summary import summary_lines
+from components.evaluation.report import summary_lines
 
 
 def _cell(ratio, lo, hi, verdict, **extra):
