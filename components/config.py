@@ -493,8 +493,33 @@ def read_params_file(path: Path | str) -> dict:
     return raw
 
 
-def load_params(path: Path | str = "params.yaml", overrides: list[str] | dict | None = None) -> Params:
+def load_params(path: Path | str = "params.yaml", overrides: list[str] | dict | None = None,
+                source: Optional[str] = None) -> Params:
+    """The params file with `overrides` applied, validated; errors name `source` (default: the file's name)."""
     raw = read_params_file(path)
     if overrides:
         raw = apply_overrides(raw, overrides)
-    return validate_params(raw, source=Path(path).name)
+    return validate_params(raw, source=source or Path(path).name)
+
+
+def write_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
+    """Set dotted keys in the params file in place, keeping comments and order (round-trip YAML, as
+    `dvc exp run -S` does)."""
+    from ruamel.yaml import YAML
+
+    yaml_rt = YAML()
+    yaml_rt.preserve_quotes = True
+    yaml_rt.width = 4096  # never re-wrap long flow-style lines
+    yaml_rt.representer.add_representer(  # keep `null` spelled out (ruamel writes an empty value by default)
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    data = yaml_rt.load(Path(params_file).read_text())
+    for key, value in overrides.items():
+        node = data
+        *sections, leaf = key.split(".")
+        for section in sections:
+            if node.get(section) is None:
+                node[section] = {}
+            node = node[section]
+        node[leaf] = value
+    with open(params_file, "w") as f:
+        yaml_rt.dump(data, f)

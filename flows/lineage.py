@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from components.config import load_params
-from components.tracking.lineage import output_run_id, resolve_tracking_uri
+from components.tracking.lineage import dvc_stages, output_producers, output_run_id, resolve_tracking_uri
 from components.tracking.registry import check_tracking_server
 from components.tracking.runs import RunNotFound, latest_stage_run_id, lineage_chain
 from flows.runtime import repo_root
@@ -26,13 +26,11 @@ def resolve_ref(root: Path, ref: str, experiment: str, tracking_uri: str) -> str
     """A run id for `ref`: itself if it looks like one, else the run behind the stage's current output."""
     if RUN_ID.match(ref):
         return ref
-    from flows.pipeline import stage_outputs
-
-    outputs = stage_outputs(root)
-    if ref not in outputs:
+    stages = dvc_stages(root)
+    if ref not in stages:
         raise RunNotFound(f"'{ref}' is neither an MLflow run id nor a stage of dvc.yaml "
-                          f"({', '.join(outputs) or 'no stages'})")
-    for out in outputs[ref]:
+                          f"({', '.join(stages) or 'no stages'})")
+    for out in (path for path, stage in output_producers(root).items() if stage == ref):
         if (root / out).exists():
             run_id = output_run_id(root, ref, out, experiment, tracking_uri)
             if run_id:

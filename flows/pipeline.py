@@ -35,8 +35,8 @@ from prefect.runtime import flow_run as flow_run_context
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Completed, Failed
 
-from components.config import apply_overrides, parse_override, read_params_file, validate_params
-from components.errors import ParamsError, UserError
+from components.config import load_params, parse_override, write_overrides
+from components.errors import UserError
 from components.tracking.lineage import output_run_id, resolve_tracking_uri
 from components.tracking.registry import check_tracking_server
 from flows.runtime import repo_root
@@ -56,7 +56,7 @@ class StageFailed(UserError):
 
 # ---------------------------------------------------------------- the DAG, read from DVC
 
-def dvc_stages(root: Path) -> tuple[list[str], dict[str, set[str]], dict[str, list[str]]]:
+def dvc_graph(root: Path) -> tuple[list[str], dict[str, set[str]], dict[str, list[str]]]:
     """All stages of dvc.yaml in a dependency order (ties broken by name), each stage's direct upstream
     stages, and each stage's output paths, all from DVC's own stage graph (read once per dvc.yaml version)."""
     from dvc.exceptions import DvcException
@@ -64,13 +64,13 @@ def dvc_stages(root: Path) -> tuple[list[str], dict[str, set[str]], dict[str, li
     dvc_yaml = Path(root) / "dvc.yaml"
     stamp = dvc_yaml.stat().st_mtime_ns if dvc_yaml.exists() else 0
     try:
-        return _read_dvc_stages(str(Path(root).resolve()), stamp)
+        return _read_dvc_graph(str(Path(root).resolve()), stamp)
     except DvcException as e:  # e.g. overlapping outputs, a cycle, a bad dvc.yaml: DVC's message, one line
         raise UserError(f"DVC cannot build the pipeline graph: {' '.join(str(e).split())}") from None
 
 
 @functools.lru_cache(maxsize=4)
-def _read_dvc_stages(root: str, dvc_yaml_mtime_ns: int):  # the mtime is only part of the cache key
+def _read_dvc_graph(root: str, dvc_yaml_mtime_ns: int):  # the mtime is only part of the cache key
     import networkx as nx
     from dvc.repo import Repo
 
@@ -89,7 +89,7 @@ def plan_stages(root: Path, targets: Optional[list[str]] = None) -> list[str]:
 
     Raises UnknownStage naming the first target that is not in dvc.yaml.
     """
-    order, upstream, _ = dvc_stages(root)
+    order, upstream, _ = dvc_graph(root)
     targets = list(targets or [ALL])
     if not targets or ALL in targets:
         return order
@@ -107,44 +107,10 @@ def plan_stages(root: Path, targets: Optional[list[str]] = None) -> list[str]:
 
 
 def stage_outputs(root: Path) -> dict[str, list[str]]:
-    return dvc_stages(root)[2]
+    return dvc_graph(root)[2]
 
 
 # ---------------------------------------------------------------- overrides
-
-def validate_overrides(root: Path, overrides: Optional[list[str]]) -> dict[str, Any]:
-    """Parse and validate `key.path=value` overrides against params.yaml + schema; {key: value}.
-
-    Raises ParamsError naming the key when it does not exist or the value has the wrong type/range.
-    """
-    parsed = dict(parse_override(o) for o in overrides or [])
-    if parsed:
-        raw = read_params_file(root / "params.yaml")
-        validate_params(apply_overrides(raw, parsed), source=f"override of {', '.join(parsed)}")
-    return parsed
-
-
-def write_overrides(params_file: Path, overrides: dict[str, Any]) -> None:
-    """Set dotted keys in params.yaml in place, keeping comments and order (round-trip YAML, as DVC does)."""
-    from ruamel.yaml import YAML
-
-    yaml = YAML()
-    yaml.preserve_quotes = True
-    yaml.width = 4096  # never re-wrap long flow-style lines
-    yaml.representer.add_representer(  # keep `null` spelled out (ruamel writes an empty value by default)
-        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
-    data = yaml.load(params_file.read_text())
-    for key, value in overrides.items():
-        node = data
-        *sections, leaf = key.split(".")
-        for section in sections:
-            if node.get(section) is None:
-                node[section] = {}
-            node = node[section]
-        node[leaf] = value
-    with open(params_file, "w") as f:
-        yaml.dump(data, f)
-
 
 def experiment_name(run_name: str) -> str:
     """A valid DVC experiment (git ref) name derived from the run name."""
@@ -257,9 +223,8 @@ def pipeline_lock(root: Path, log) -> Iterator[None]:
 def check_request(root: Path, targets: Optional[list[str]], overrides: Optional[list[str]]):
     """Everything checked before anything runs: targets, overrides, the MLflow server. (plan, overrides, uri)."""
     plan = plan_stages(root, targets)
-    parsed = validate_overrides(root, overrides)
-    raw = apply_overrides(read_params_file(root / "params.yaml"), parsed)
-    params = validate_params(raw)
+    parsed = dict(parse_override(o) for o in overrides or [])
+    params = load_params(root / "params.yaml", parsed, source=f"override of {', '.join(parsed)}" if parsed else None)
     tracking_uri = resolve_tracking_uri(root, params.tracking.uri)
     check_tracking_server(tracking_uri)
     return plan, parsed, params, tracking_uri

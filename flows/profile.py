@@ -13,64 +13,15 @@ agree on what ran. Back to the default: `git checkout params.yaml && dvc repro`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "true")
 
-from components.config import (Params, apply_overrides, parse_override, read_params_file,  # noqa: E402
-                               validate_params)
-from components.errors import ParamsError, UserError  # noqa: E402
-
-PROFILE_DIR = "profiles"
-
-
-def profile_path(root: Path, name_or_path: str) -> Path:
-    """profiles/<name>.yaml for a bare name, else the given file. Raises ParamsError when it does not exist."""
-    candidate = Path(name_or_path)
-    if candidate.suffix not in (".yaml", ".yml"):
-        candidate = root / PROFILE_DIR / f"{name_or_path}.yaml"
-    elif not candidate.is_absolute():
-        candidate = root / candidate
-    if not candidate.is_file():
-        known = sorted(p.stem for p in (root / PROFILE_DIR).glob("*.yaml"))
-        raise ParamsError(f"profile '{name_or_path}' not found ({candidate}); known profiles: "
-                          f"{', '.join(known) or '(none)'}")
-    return candidate
-
-
-def read_profile(path: Path) -> dict[str, Any]:
-    """The profile's nested mapping of sections (the same reader and errors as params.yaml)."""
-    return read_params_file(path)
-
-
-def flatten_profile(profile: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested sections -> {"section.key": value}; lists and scalars are leaves (a list is set whole)."""
-    flat: dict[str, Any] = {}
-    for key, value in profile.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten_profile(value, prefix=f"{dotted}."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
-def profile_overrides(profile: dict[str, Any], extra: Optional[list[str]] = None) -> list[str]:
-    """`key.path=value` strings (JSON values: valid YAML, so DVC's -S parser and ours read them back the same),
-    the profile's first, then `extra` (later ones win)."""
-    flat = flatten_profile(profile)
-    flat.update(dict(parse_override(o) for o in extra or []))
-    return [f"{key}={json.dumps(value)}" for key, value in flat.items()]
-
-
-def validate_profile(root: Path, overrides: list[str], source: str) -> Params:
-    """params.yaml with the overrides applied, validated; ParamsError names the profile and the bad key."""
-    raw = apply_overrides(read_params_file(root / "params.yaml"), overrides)
-    return validate_params(raw, source=source)
+from components.config import load_params  # noqa: E402
+from components.errors import UserError  # noqa: E402
+from components.profiles import profile_path, read_profile_overrides  # noqa: E402
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -93,8 +44,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         root = repo_root()
         path = profile_path(root, args.profile)
-        overrides = profile_overrides(read_profile(path), args.overrides)
-        validate_profile(root, overrides, source=f"profile {path.name}")
+        overrides = read_profile_overrides(path, args.overrides)
+        load_params(root / "params.yaml", overrides, source=f"profile {path.name}")
         if args.check:
             print("\n".join(overrides))
             print(f"profile {path.stem} OK ({len(overrides)} overrides)", file=sys.stderr)

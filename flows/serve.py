@@ -51,13 +51,13 @@ def build_deployments(stages: list[str], prefix: str = "", **options: Any) -> li
 
 def _prepare(root: Path) -> tuple[str, list[str]]:
     """Checks shared by serve and deploy (params, MLflow server, Prefect server); (Prefect API, stages)."""
-    from flows.pipeline import dvc_stages
+    from flows.pipeline import dvc_graph
 
     os.chdir(root)  # runs execute in this directory: the repo root, where dvc.yaml lives
     params = load_params(root / "params.yaml")
     check_tracking_server(resolve_tracking_uri(root, params.tracking.uri))
     api = configure_prefect(root)
-    return api, dvc_stages(root)[0]
+    return api, dvc_graph(root)[0]
 
 
 def ui_url(api: str) -> str:

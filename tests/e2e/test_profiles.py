@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components.config import Params
-from flows.profile import flatten_profile, profile_overrides, read_profile, validate_profile
+from components.config import Params, load_params, read_params_file
+from components.profiles import flatten_profile, profile_overrides
 from scripts.gpu_check import write_synthetic_cifar10
 from tests.conftest import REPO, commit_all, project_env, run_cmd, run_flows, set_params
 
@@ -40,10 +40,10 @@ def attribute(params: Params, dotted: str):
 
 @pytest.mark.parametrize("path", PROFILES, ids=[p.stem for p in PROFILES])
 def test_profile_validates_covers_every_stage_and_round_trips(path):
-    profile = read_profile(path)
+    profile = read_params_file(path)
     missing = dvc_stage_sections() - set(profile)
     assert not missing, f"{path.name} has no section for stage(s) {sorted(missing)}"
-    params = validate_profile(REPO, profile_overrides(profile), source=path.name)
+    params = load_params(REPO / "params.yaml", profile_overrides(profile), source=path.name)
     for key, value in flatten_profile(profile).items():  # every leaf lands where the profile put it
         got = attribute(params, key)
         got = list(got) if isinstance(got, tuple) else got
@@ -54,8 +54,8 @@ def test_profile_validates_covers_every_stage_and_round_trips(path):
 
 
 def test_profiles_target_their_data():
-    digits = validate_profile(REPO, profile_overrides(read_profile(REPO / "profiles/digits.yaml")), "digits")
-    cifar = validate_profile(REPO, profile_overrides(read_profile(REPO / "profiles/cifar10.yaml")), "cifar10")
+    digits = load_params(REPO / "params.yaml", profile_overrides(read_params_file(REPO / "profiles/digits.yaml")))
+    cifar = load_params(REPO / "params.yaml", profile_overrides(read_params_file(REPO / "profiles/cifar10.yaml")))
     assert digits.data.source == "digits" and digits.teacher.sampler.guidance > 1.0
     assert cifar.data.source == "cifar10" and cifar.teacher.precision == "auto"
     for params, size in ((digits, 8), (cifar, 32)):  # the UNet halves the resolution len(channel_mult) - 1 times
