@@ -43,6 +43,7 @@ ARGS: dict[str, list[str]] = {"bench_reflow": ["--teacher", "models/teacher", "-
 NEEDS: dict[str, Callable[[], Optional[str]]] = {
     "bench_reflow": _has("models/teacher/model.pt", "data/shards/manifest.json"),
     "bench_digits": _image_metrics,
+    "bench_consistency_grid": _has("models/consistency/model.pt", "data/shards/manifest.json"),
 }
 
 
