@@ -11,7 +11,7 @@ import torch
 from prefect import flow
 
 from components.data.shards import read_shard_manifest, read_split
-from components.evaluation.plots import image_grid, scatter_grid
+from components.evaluation.plots import model_samples_plot
 from components.models.store import WEIGHTS_FILE, load_denoiser, save_spec
 from components.training.denoiser_training import denoiser_task, objective_config, teacher_spec
 from components.training.recipe import checkpoint_dir, run_job, training_job
@@ -35,25 +35,13 @@ def train_teacher(ctx: StageContext) -> dict:
     outcome = run_job(job, log_fn=ctx.log_metrics)
     train_seconds = time.time() - started
     save_spec(ctx.out_dir, spec)
-    ctx.run.log_artifact(plot_samples(ctx.out_dir, shards, manifest, p.plot_samples, p.seed))
+    real = None if manifest["kind"] == "image" else torch.from_numpy(read_split(shards, "val", limit=p.plot_samples)[0])
+    ctx.run.log_artifact(model_samples_plot(load_denoiser(ctx.out_dir), ctx.out_dir / "samples.png", p.plot_samples,
+                                            p.seed, real, name="teacher"))
     ctx.manifest.update({"model": spec, "objective": objective, "checkpoint_dir": str(root.relative_to(ctx.repo))})
     return {"steps": outcome.steps, "final_loss": outcome.final_loss, "train_seconds": round(train_seconds, 2),
             "steps_per_sec": round((outcome.steps - outcome.resumed_from) / max(train_seconds, 1e-9), 2),
             "processes": ctx.params.distributed.world_size, "resumed_from_step": outcome.resumed_from}
-
-
-def plot_samples(model_dir, shards, manifest, n: int, seed: int):
-    model = load_denoiser(model_dir)
-    noise = torch.randn(n, *manifest["shape"], generator=torch.Generator().manual_seed(seed))
-    cond = torch.arange(n) % model.num_classes if model.num_classes is not None else None
-    result = model.sample(noise, cond=cond)
-    path = model_dir / "samples.png"
-    if manifest["kind"] == "image":
-        image_grid(result.x[:64], path, nrow=8)
-    else:
-        real, _ = read_split(shards, "val", limit=n)
-        scatter_grid({"teacher": {result.nfe: result.x}}, torch.from_numpy(real), path)
-    return path
 
 
 @flow(name="teacher", description="Train the teacher diffusion model (DeepSpeed) on data/shards -> models/teacher/.")

@@ -112,6 +112,20 @@ def image_grid(
     return _save(figure, path)
 
 
+def model_samples_plot(
+    model, path: str | Path, n: int, seed: int, real: torch.Tensor | np.ndarray | None = None, name: str = "samples"
+) -> Path:
+    """The default sampler of `model` (a LoadedModel) on the evaluation protocol's fixed noise and labels for `seed`:
+    an image grid of the first 64, or a scatter of the n points over `real` (2-D data)."""
+    from components.evaluation.protocol import fixed_noise_and_labels
+
+    noise, cond = fixed_noise_and_labels(model, n, seed)
+    result = model.sample(noise, cond=cond)
+    if model.spec["kind"] == "image":
+        return image_grid(result.x[:64], path, nrow=8)
+    return scatter_grid({name: {result.nfe: result.x}}, real, path)
+
+
 def quality_vs_nfe_figure(
     models: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]],
     metric: str,

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from components.evaluation.metrics import sliced_wasserstein2
+from components.evaluation.protocol import fixed_noise_and_labels
 from components.objectives.dpo import dpo_terms
 from components.preferences.pairs import PairSet
 
@@ -66,8 +67,7 @@ def evaluate_alignment(reference, tuned, reward: Callable[[Tensor, Optional[Tens
     """
     if list(reference.spec["data_shape"]) != list(tuned.spec["data_shape"]):
         raise ValueError(f"reference data shape {reference.spec['data_shape']} != tuned {tuned.spec['data_shape']}")
-    noise = torch.randn((n, *reference.spec["data_shape"]), generator=torch.Generator().manual_seed(seed + HELDOUT_SEED_OFFSET))
-    cond = torch.arange(n) % reference.num_classes if reference.num_classes else None
+    noise, cond = fixed_noise_and_labels(reference, n, seed + HELDOUT_SEED_OFFSET)
     x_ref = reference.sample(noise, nfe=nfe, cond=cond).x
     x_tuned = tuned.sample(noise, nfe=nfe, cond=cond).x
     r_ref, r_tuned = reward(x_ref, cond), reward(x_tuned, cond)
