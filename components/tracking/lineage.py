@@ -339,4 +339,15 @@ def end_abandoned_run(tracking_uri: str, run_id: str, status: str, note: str) ->
             client.set_tag(r.info.run_id, "stage.ended_by", note)
             client.set_terminated(r.info.run_id, status=status)
             ended.append(r.info.run_id)
+    # The `dvc repro` invocation run the dead stage belonged to was left RUNNING too (each stage ends it as it
+    # finishes); it is another invocation's than the current one, which has moved on or died with it.
+    from components.tracking.runs import INVOCATION_TAG
+
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    if parent_id and parent_id != os.environ.get(PARENT_RUN_ENV):
+        parent = client.get_run(parent_id)
+        if parent.info.status == "RUNNING" and INVOCATION_TAG in parent.data.tags:
+            client.set_tag(parent_id, "stage.ended_by", note)
+            client.set_terminated(parent_id, status="FAILED" if status == "FAILED" else "FINISHED")
+            ended.append(parent_id)
     return ended

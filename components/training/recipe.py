@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from components.config import RESUMABLE_SETTINGS, TrainConfig
+from components.errors import UserError
 from components.training.distributed import launch_ranks, world_info
 from components.training.trainer import Trainer
 
@@ -121,18 +122,23 @@ def train(task: TrainingTask, config: TrainConfig, checkpoint_dir: Path | str, e
 TaskBuilder = Callable[[dict, TrainConfig, int, int], TrainingTask]  # (args, config, world_size, threads)
 
 
-def task_ref(builder: TaskBuilder) -> str:
-    """How a job names a task builder: "module:function"."""
+def task_ref(builder: Callable) -> str:
+    """How a job names a task builder (or a sampling job's function): "module:function"."""
     return f"{builder.__module__}:{builder.__name__}"
 
 
-def build_task(job: TrainJob, config: TrainConfig, world_size: int) -> TrainingTask:
-    module, _, function = job.task.partition(":")
+def resolve_ref(ref: str) -> Callable:
+    """The function a job names as "module:function" (task_ref): imported only where the job runs, so the worker
+    does not import (and every stage does not depend on) the code of every kind of job."""
+    module, _, function = ref.partition(":")
     try:
-        builder = getattr(importlib.import_module(module), function)
+        return getattr(importlib.import_module(module), function)
     except (ImportError, AttributeError, ValueError):
-        raise ValueError(f"unknown training task {job.task!r} (a task builder as module:function)") from None
-    return builder(job.args, config, world_size, job.torch_threads)
+        raise ValueError(f"unknown job function {ref!r} (expected module:function)") from None
+
+
+def build_task(job: TrainJob, config: TrainConfig, world_size: int) -> TrainingTask:
+    return resolve_ref(job.task)(job.args, config, world_size, job.torch_threads)
 
 
 def run_job_here(job: TrainJob, log_fn: Optional[LogFn] = None) -> TrainOutcome:
@@ -151,18 +157,35 @@ def run_job(job: TrainJob, log_fn: Optional[LogFn] = None) -> TrainOutcome:
     if job.processes_per_node * job.nodes == 1:
         return run_job_here(job, log_fn)
     work = Path(job.checkpoint_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    job_file, result_file = work / "job.json", work / "outcome.json"
+    result_file = work / "outcome.json"
     result_file.unlink(missing_ok=True)
-    job_file.write_text(json.dumps({"job": dataclasses.asdict(job), "result": str(result_file)}))
-    code = launch_ranks(job.processes_per_node, ["-m", "components.training.worker", str(job_file)], nodes=job.nodes,
-                        timeout_s=job.timeout_s)
-    if code != 0:
-        raise RuntimeError(f"training ranks of {job.task} exited with code {code} (see their output above)")
+    launch_worker({"job": dataclasses.asdict(job), "result": str(result_file)}, work, job.processes_per_node,
+                  job.nodes, job.timeout_s, f"training ranks of {job.task}")
     outcome = TrainOutcome(**json.loads(result_file.read_text()))
-    job_file.unlink()
     result_file.unlink()
     return outcome
+
+
+def launch_worker(document: dict[str, Any], work: Path, processes_per_node: int, nodes: int, timeout_s: float,
+                  what: str) -> None:
+    """Run `python -m components.training.worker` on the ranks with `document` as its job file (in `work`). A user
+    error raised on a rank (bad data, a checkpoint to clean) comes back as that one-line error; any other failure
+    as a RuntimeError naming `what`."""
+    work.mkdir(parents=True, exist_ok=True)
+    job_file, error_file = work / "job.json", work / "error.txt"
+    error_file.unlink(missing_ok=True)
+    job_file.write_text(json.dumps({**document, "error": str(error_file)}))
+    try:
+        code = launch_ranks(processes_per_node, ["-m", "components.training.worker", str(job_file)], nodes=nodes,
+                            timeout_s=timeout_s)
+    finally:
+        job_file.unlink(missing_ok=True)
+    if code != 0:
+        if error_file.exists():
+            message = error_file.read_text()
+            error_file.unlink()
+            raise UserError(message)
+        raise RuntimeError(f"{what} exited with code {code} (see their output above)")
 
 
 def training_job(task: TaskBuilder, args: dict[str, Any], params, config: TrainConfig, checkpoint_dir: Path | str,

@@ -7,7 +7,6 @@ the DVC output, so an interrupted run regenerates only the missing chunks.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -26,8 +25,9 @@ from components.io import file_md5
 from components.models.store import (WEIGHTS_FILE, LoadedModel, build_denoiser, load_denoiser, load_weights,
                                      model_from_weights, save_denoiser)
 from components.objectives.reflow import EulerDistillObjective, ReflowObjective, coupling_diagnostics
-from components.training.distributed import barrier, launch_ranks, rank_share, world_info
-from components.training.recipe import TrainingTask, rank_seed, run_job, set_torch_threads, training_job
+from components.training.distributed import barrier, rank_share, world_info
+from components.training.recipe import (TrainingTask, launch_worker, rank_seed, run_job, set_torch_threads, task_ref,
+                                        training_job)
 
 COUPLING_PREFIX = "couplings"  # shard files couplings-%06d.tar
 CHUNK_SEED_STRIDE = 1_000_003  # chunk i of seed s draws its noise from seed s * stride + i
@@ -128,19 +128,11 @@ def couplings_on_ranks(teacher_dir: Path | str, count: int, batch_size: int, nfe
     `work_dir` must be on a filesystem every node sees (as checkpoints are). Returns the number of chunk files an
     earlier, interrupted run had left (kept when their size matches)."""
     work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
     found = len(list(work_dir.glob("chunk*.pt")))
-    job_file = work_dir / "job.json"
     args = {"teacher_dir": str(Path(teacher_dir).resolve()), "count": count, "batch_size": batch_size, "nfe": nfe,
             "solver": solver, "seed": seed, "work_dir": str(work_dir.resolve())}
-    job_file.write_text(json.dumps({"kind": "couplings", "job": args}))
-    try:
-        code = launch_ranks(distributed.processes_per_node, ["-m", "components.training.worker", str(job_file)],
-                            nodes=distributed.nodes, timeout_s=distributed.timeout_s)
-    finally:
-        job_file.unlink(missing_ok=True)
-    if code != 0:
-        raise RuntimeError(f"couplings ranks exited with code {code} (see their output above)")
+    launch_worker({"call": task_ref(solve_couplings_here), "job": args}, work_dir, distributed.processes_per_node,
+                  distributed.nodes, distributed.timeout_s, "couplings ranks")
     return found
 
 

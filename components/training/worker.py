@@ -3,27 +3,39 @@
 on the other nodes with JOB "-").
 
 JOB is a JSON file: {"job": TrainJob, "result": path} for training, where rank 0 logs metrics into the stage's MLflow
-run and writes the outcome; {"kind": "couplings", "job": {...}} for the couplings solve, where each rank writes its
-chunks. Only rank 0 reads it and sends the job to the others, so the ranks of other nodes need no copy of it.
+run and writes the outcome; {"call": "module:function", "job": {...}} for a sampling job (the couplings solve), where
+each rank runs that function on the arguments. Only rank 0 reads it and sends the job to the others, so the ranks of other nodes need no copy of it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
 
+from components.errors import UserError
 from components.training.distributed import broadcast_from_rank0, init_process_group, world_info
-from components.training.recipe import TrainJob, run_job_here
+from components.training.recipe import TrainJob, resolve_ref, run_job_here
 
 
 def main(job_path: str) -> int:
     init_process_group()
     rank, _ = world_info()
     document = broadcast_from_rank0(json.loads(open(job_path).read()) if rank == 0 else None)
-    if document.get("kind") == "couplings":
-        from components.training.reflow_training import solve_couplings_here
+    try:
+        return run_document(document, rank)
+    except UserError as e:  # one line here, and the message back to the stage (launch_worker re-raises it)
+        print(f"error: {e}", file=sys.stderr)
+        if document.get("error"):
+            with contextlib.suppress(OSError):
+                with open(document["error"], "w") as f:
+                    f.write(str(e))
+        return 2
 
-        solve_couplings_here(document["job"])
+
+def run_document(document: dict, rank: int) -> int:
+    if "call" in document:  # a sampling job: every rank runs the named function on the arguments
+        resolve_ref(document["call"])(document["job"])
         return 0
     job = TrainJob(**document["job"])
     log_fn = None

@@ -117,6 +117,11 @@ def test_kill_9_keeps_the_output_and_the_next_run_closes_the_killed_runs(project
                     for k in entry.get("changed outs", {})}
     assert not changed_outs & {"models/teacher", "data/teacher/metrics.json"}, status  # only params changed
     assert run_states(killed)[:2] == ("RUNNING", "RUNNING")  # nobody could close them
+    from mlflow import MlflowClient
+
+    tracking = MlflowClient(killed["tracking_uri"])
+    invocation = tracking.get_run(killed["mlflow_run_id"]).data.tags["mlflow.parentRunId"]  # the dvc repro's run
+    assert tracking.get_run(invocation).info.status == "RUNNING"
 
     # The next run of the stage (here one that fails on a params mistake) closes them.
     set_params(project, {"model": {"kind": "unet"}})
@@ -125,6 +130,7 @@ def test_kill_9_keeps_the_output_and_the_next_run_closes_the_killed_runs(project
     assert f"the previous 'teacher' run (pid {killed['pid']} on" in nxt.stderr and "was killed" in nxt.stderr
     status, prefect_state, note = run_states(killed)
     assert (status, prefect_state) == ("FAILED", "CRASHED") and "died without closing this run" in note
+    assert tracking.get_run(invocation).info.status == "FAILED"
 
 
 def test_a_truncated_input_is_one_line_and_records_nothing(taught_project):

@@ -52,5 +52,5 @@ def test_a_job_read_back_from_json_trains_exports_and_resumes(tmp_path):
                                                      torch.load(init, weights_only=True).values()))
     more = dataclasses.replace(job, train={**job.train, "steps": 6})  # same checkpoint dir: resumes
     assert run_job(more).resumed_from == 4
-    with pytest.raises(ValueError, match="unknown training task"):
+    with pytest.raises(ValueError, match="unknown job function"):
         run_job(dataclasses.replace(job, task="components.training.recipe:nonsense"))
