@@ -8,7 +8,6 @@ to it), which is what evaluate needs for the win rate. Checkpoints: checkpoints/
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import sys
 import time
 
@@ -16,11 +15,8 @@ from prefect import flow
 
 from components.config import Params, load_params
 from components.errors import UserError
-from components.io import write_json
 from components.models.store import WEIGHTS_FILE, load_denoiser, save_spec
-from components.objectives.dpo import default_mse_target
-from components.preferences.alignment import DPO_INFO_FILE, heldout_implicit_accuracy
-from components.preferences.finetune import dpo_pairs, dpo_task, time_sampler_for
+from components.preferences.finetune import dpo_pairs, dpo_task, write_dpo_info
 from components.training.recipe import checkpoint_dir, run_job, training_job
 from flows.runtime import repo_root
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
@@ -51,16 +47,8 @@ def train_dpo(ctx: StageContext) -> dict:
     spec = {**reference.spec, "finetuned_from": reference_rel}
     save_spec(ctx.out_dir, spec)
 
-    tuned = load_denoiser(ctx.out_dir)
-    accuracy = heldout_implicit_accuracy(tuned.denoiser, reference.denoiser, heldout, p.beta,
-                                         time_sampler_for(reference.spec),
-                                         target=default_mse_target(reference.spec["prediction"]), seed=p.seed)
-    reward = dict(pair_manifest["reward"])
-    if reward.get("kind") == "bradley_terry":  # keep the learned reward with the model (evaluate scores with it)
-        shutil.copytree(ctx.path("data/pairs") / reward["path"], ctx.out_dir / reward["path"])
-    write_json(ctx.out_dir / DPO_INFO_FILE, {
-        "beta": p.beta, "reference": reference_rel, "reward": reward, "pairs_train": len(train_pairs),
-        "pairs_heldout": len(heldout), "implicit_accuracy_heldout": accuracy})
+    accuracy = write_dpo_info(ctx.out_dir, reference, reference_rel, ctx.path("data/pairs"), pair_manifest,
+                              len(train_pairs), heldout, p.beta, p.seed)
     ctx.manifest.update({"model": spec, "beta": p.beta, "checkpoint_dir": str(root.relative_to(ctx.repo))})
     last = outcome.history[-1] if outcome.history else {}
     return {"steps": outcome.steps, "final_loss": outcome.final_loss, "beta": p.beta,

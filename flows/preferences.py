@@ -18,7 +18,7 @@ from components.config import Params, load_params
 from components.errors import DataError, UserError
 from components.models.store import load_denoiser
 from components.preferences.bradley_terry import labelled_pairs_scored
-from components.preferences.pairs import SEED_BASE, collect_pairs, write_pair_shards
+from components.preferences.pairs import SEED_BASE, collect_pairs, pair_metrics, write_pair_shards
 from components.preferences.rewards import make_reward
 from components.training.recipe import set_torch_threads
 from flows.runtime import repo_root
@@ -64,13 +64,7 @@ def make_pairs(ctx: StageContext) -> dict:
     manifest = write_pair_shards(pairs, ctx.out_dir, info={"reward": reward_spec, **info})
     ctx.manifest.update(manifest)
     ctx.run.set_tags({"generating_run_id": generating_run or ""})
-    margin = pairs.score_w - pairs.score_l
-    metrics = {"pairs": len(pairs), "score_margin_mean": float(margin.mean())}
-    if not p.pairs_file:
-        metrics["kept_fraction"] = len(pairs) / (p.groups * (p.k // 2))
-        metrics["score_winner_mean"] = float(pairs.score_w.mean())
-        metrics["score_loser_mean"] = float(pairs.score_l.mean())
-    return metrics
+    return pair_metrics(pairs, None if p.pairs_file else p.groups * (p.k // 2))
 
 
 @flow(name="preferences", description="Sample, score and pair (or read labelled pairs) -> data/pairs/.")

@@ -4,6 +4,7 @@ in the model-store format."""
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,9 +12,11 @@ import torch
 
 from components.config import TrainConfig
 from components.errors import DataError
+from components.io import write_json
 from components.models.store import LoadedModel, load_denoiser
 from components.objectives.denoising import make_objective
 from components.objectives.dpo import DiffusionDPOObjective, default_mse_target
+from components.preferences.alignment import DPO_INFO_FILE, heldout_implicit_accuracy
 from components.preferences.bradley_terry import preference_batches
 from components.preferences.pairs import PairSet, read_pair_shards
 from components.training.recipe import TrainingTask, rank_seed, set_torch_threads
@@ -34,6 +37,23 @@ def dpo_pairs(reference: LoadedModel, reference_rel: str, pair_dir: Path | str, 
         raise DataError(f"{pair_dir} holds samples of shape {list(pairs.x_w.shape[1:])}, but {reference_rel} "
                         f"models data of shape {reference.spec['data_shape']}")
     return (*pairs.split(holdout_fraction, seed), manifest)
+
+
+def write_dpo_info(out_dir: Path, reference: LoadedModel, reference_rel: str, pair_dir: Path, pair_manifest: dict,
+                   train_count: int, heldout: PairSet, beta: float, seed: int) -> float:
+    """The tuned model's dpo.json (what evaluate's alignment block reads: beta, reference dir, reward, held-out
+    implicit accuracy; a Bradley-Terry reward model is copied beside it). Returns the held-out implicit accuracy."""
+    tuned = load_denoiser(out_dir)
+    accuracy = heldout_implicit_accuracy(tuned.denoiser, reference.denoiser, heldout, beta,
+                                         time_sampler_for(reference.spec),
+                                         target=default_mse_target(reference.spec["prediction"]), seed=seed)
+    reward = dict(pair_manifest["reward"])
+    if reward.get("kind") == "bradley_terry":  # keep the learned reward with the model (evaluate scores with it)
+        shutil.copytree(Path(pair_dir) / reward["path"], Path(out_dir) / reward["path"])
+    write_json(Path(out_dir) / DPO_INFO_FILE, {
+        "beta": beta, "reference": reference_rel, "reward": reward, "pairs_train": train_count,
+        "pairs_heldout": len(heldout), "implicit_accuracy_heldout": accuracy})
+    return accuracy
 
 
 def dpo_task(args: dict[str, Any], config: TrainConfig, world_size: int, threads: int = 0) -> TrainingTask:

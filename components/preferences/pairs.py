@@ -111,6 +111,16 @@ def collect_pairs(model, reward, *, groups: int, k: int, min_margin: float, seed
     return PairSet(x[w], x[l], scores[w], scores[l], seeds[w], seeds[l], None if cond is None else cond[w])
 
 
+def pair_metrics(pairs: PairSet, possible: Optional[int] = None) -> dict[str, float]:
+    """How many pairs and their mean score margin; for sampled pairs (`possible`: the most a sampling could keep,
+    groups x k // 2) also the kept fraction and the mean winner and loser scores."""
+    metrics = {"pairs": len(pairs), "score_margin_mean": float((pairs.score_w - pairs.score_l).mean())}
+    if possible is not None:
+        metrics.update({"kept_fraction": len(pairs) / possible, "score_winner_mean": float(pairs.score_w.mean()),
+                        "score_loser_mean": float(pairs.score_l.mean())})
+    return metrics
+
+
 def read_labelled_pairs(path: Path | str, data_shape: list[int], num_classes: Optional[int] = None) -> PairSet:
     """Pairs from a JSONL file, one {"winner": ..., "loser": ..., "cond": optional int} per line, where winner and
     loser are nested lists or paths of .npy files (relative to the file's folder), in model range."""
