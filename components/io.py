@@ -194,6 +194,18 @@ def _parse_record(text: str) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
+def world_info() -> tuple[int, int]:
+    """(rank, world size) of this process: the live torch.distributed group's if there is one, else the launcher's
+    RANK / WORLD_SIZE, else (0, 1). The one rank lookup (data loader, Trainer, sampling splits); it never imports
+    torch itself, so a process without torch has no group."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for a local server or a rank rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

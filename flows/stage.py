@@ -183,6 +183,8 @@ def run_stage(spec: StageSpec, body: Callable[[StageContext], Optional[dict]],
                       f"{run.run_id} lacks its final metrics/model and is closed when the stage next runs")
                 run.abandon()
             write_json(run_record_path(repo, spec.name), record)
+        if getattr(run, "ended", False):
+            lock.update(mlflow_run_ended=True)  # the next run need not open this run's store to settle it
     COMPLETED.add(spec.name)
     return metrics
 
@@ -274,7 +276,7 @@ def settle_previous_run(stage: str, previous: dict) -> None:
     note = (f"the stage completed but its process ({who}) could not close this run (server unreachable)"
             if completed else f"the stage process ({who}) died without closing this run (killed: kill -9, OOM?)")
     closed = []
-    if previous.get("mlflow_run_id") and previous.get("tracking_uri"):
+    if previous.get("mlflow_run_id") and previous.get("tracking_uri") and not previous.get("mlflow_run_ended"):
         try:
             # A server that has gone since (a benchmark's, a colleague's) fails in seconds, not minutes of retries.
             check_tracking_server(previous["tracking_uri"])

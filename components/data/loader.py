@@ -12,7 +12,6 @@ on a rank that ran out of data.
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -21,15 +20,7 @@ import torch
 
 from components.data.shards import read_shard_manifest, shard_paths, to_model_range
 from components.errors import DataError
-
-
-def rank_and_world() -> tuple[int, int]:
-    """Rank/world size from the env vars a launcher sets (RANK, WORLD_SIZE), else torch.distributed, else (0, 1)."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+from components.io import world_info
 
 
 def _decode(record: dict) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -92,7 +83,7 @@ def make_loader(shard_dir: Path | str, split: str, batch_size: int, *, shuffle: 
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
     manifest = read_shard_manifest(shard_dir)
     urls = [str(p) for p in shard_paths(shard_dir, split)]
-    rank, world = rank_and_world()
+    rank, world = world_info()
     consumers = world * max(1, num_workers)
     if not resampled and len(urls) < consumers:
         raise DataError(f"{split} has {len(urls)} shard(s) for {world} rank(s) x {max(1, num_workers)} worker(s); "
@@ -191,7 +182,7 @@ def epoch_batches(shard_dir: Path | str, split: str, batch_size: int, *, seed: i
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
     manifest = read_shard_manifest(shard_dir)
     urls = [str(p) for p in shard_paths(shard_dir, split)]
-    rank, world = rank_and_world()
+    rank, world = world_info()
     workers = max(1, num_workers)
     if len(urls) < world * workers:
         raise DataError(f"{split} has {len(urls)} shard(s) but {world} rank(s) x {workers} loader worker(s) = "

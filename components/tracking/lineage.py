@@ -306,6 +306,7 @@ class StageRun:
         if getattr(self, "_abandoned", False):
             return
         self._mlflow.end_run(status="FAILED" if exc_type else "FINISHED")
+        self.ended = True  # the next holder of the stage lock has nothing to close in MLflow
 
 
 class ChildRun:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from components.errors import UserError
-from components.io import free_port
+from components.io import free_port, world_info  # noqa: F401  (world_info: re-exported, the one rank lookup)
 
 NODE_RANK_VARS = ("NODE_RANK", "SLURM_NODEID")  # first one set wins
 TIMEOUT_ENV = "TRAIN_COLLECTIVE_TIMEOUT_S"  # set by launch_ranks for its ranks: how long a collective may wait
@@ -97,13 +97,6 @@ def init_process_group() -> None:
         dist.init_process_group(get_accelerator().communication_backend_name(), store=dist.HashStore(),
                                 rank=0, world_size=1, timeout=timeout)
     deepspeed.init_distributed(verbose=False, timeout=timeout)  # wraps an existing group, else env:// rendezvous
-
-
-def world_info() -> tuple[int, int]:
-    """Return (rank, world_size): from the live process group if any, else from the environment."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def broadcast_from_rank0(value: Any) -> Any:

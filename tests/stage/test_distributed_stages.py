@@ -134,20 +134,14 @@ DPO_PAIRS = {"reward": {"kind": "region", "squares": [], "boxes": [[1.5, -0.6, 2
              "min_margin": 0.05}
 
 
-@pytest.mark.parametrize("stage, params, upstream", [
-    ("progressive", {"teacher_steps": 2, "steps": 10, "batch_size": 64, "checkpoint_every": 0, "log_every": 5}, {}),
-    ("consistency", {"steps": 10, "batch_size": 64, "checkpoint_every": 0, "log_every": 5}, {}),
-    ("dpo", {"steps": 10, "batch_size": 32, "checkpoint_every": 0, "log_every": 5, "warmup_steps": 2},
-     {"preferences": DPO_PAIRS}),
+@pytest.mark.parametrize("stage, params", [
+    ("progressive", {"teacher_steps": 2, "steps": 10, "batch_size": 64, "checkpoint_every": 0, "log_every": 5}),
+    ("consistency", {"steps": 10, "batch_size": 64, "checkpoint_every": 0, "log_every": 5}),
 ])
-def test_student_stage_on_two_ranks_writes_a_model_with_lineage(taught_project, stage, params, upstream):
-    """Every training stage on 2 launched ranks (reflow: in the couplings test below, on its 2-rank couplings)."""
+def test_student_stage_on_two_ranks_writes_a_model_with_lineage(taught_project, stage, params):
+    """Every training stage on 2 launched ranks (reflow and dpo: in the couplings and user-error tests below)."""
     from components.models.store import load_denoiser
 
-    for name, section in upstream.items():  # the stage's inputs, made by one process
-        set_params(taught_project, {name: section})
-        r = run_flows(taught_project, name)
-        assert r.returncode == 0, r.stderr[-3000:]
     set_params(taught_project, {stage: params, "distributed": {"processes_per_node": 2}})
     proc = subprocess.Popen([sys.executable, "-m", "flows", stage], cwd=taught_project, env=project_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -199,15 +193,28 @@ def test_couplings_on_two_ranks_write_the_same_shards_as_one_process(taught_proj
         run_record(taught_project, "couplings")["mlflow_run_id"]
 
 
-def test_a_user_error_on_a_rank_is_one_line_from_the_stage(taught_project):
+def test_dpo_on_two_ranks_and_a_user_error_on_a_rank_is_one_line(taught_project):
     """A bad setting found inside the launched ranks (more batch than pairs) stops the stage with the rank's one-line
-    message and exit 2, as one process would, not a traceback and "ranks exited with code 1"."""
-    set_params(taught_project, {"preferences": {**DPO_PAIRS, "groups": 2, "k": 16}})
+    message and exit 2, as one process would, not a traceback and "ranks exited with code 1"; with a batch that
+    fits, dpo trains on the 2 ranks and writes its model with lineage."""
+    from components.models.store import load_denoiser
+
+    set_params(taught_project, {"preferences": DPO_PAIRS})
     assert run_flows(taught_project, "preferences").returncode == 0
-    set_params(taught_project, {"dpo": {"steps": 10, "batch_size": 4096, "checkpoint_every": 0},
-                                "distributed": {"processes_per_node": 2}})
+    dpo = {"steps": 10, "batch_size": 4096, "checkpoint_every": 0, "log_every": 5, "warmup_steps": 2}
+    set_params(taught_project, {"dpo": dpo, "distributed": {"processes_per_node": 2}})
     r = run_flows(taught_project, "dpo")
     assert r.returncode == 2, r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     last = [line for line in r.stderr.splitlines() if line.startswith("error: ")][-1]
     assert last.startswith("error: dpo.batch_size=4096 is more than the ") and "training pairs" in last
+
+    set_params(taught_project, {"dpo": {**dpo, "batch_size": 32}})
+    proc = subprocess.Popen([sys.executable, "-m", "flows", "dpo"], cwd=taught_project, env=project_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ranks = _ranks_seen(proc, 600)
+    assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    assert ranks == 2
+    assert load_denoiser(taught_project / "models/dpo") is not None
+    assert run_record(taught_project, "dpo")["upstream"]["preferences"] == \
+        run_record(taught_project, "preferences")["mlflow_run_id"]
