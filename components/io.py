@@ -12,7 +12,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 
 @contextlib.contextmanager
@@ -137,15 +137,17 @@ def describe_holder(holder: dict[str, Any]) -> str:
 
 
 class HolderLock:
-    """An exclusive, non-blocking `flock` on a file that also records who holds it.
+    """An exclusive `flock` on a file that also records who holds it; non-blocking unless `on_wait` is given.
 
     The kernel drops the lock when its holder dies (even by SIGKILL or the OOM killer), so a lock is never
     stale. The holder's record (pid, host, start time and whatever `update` adds) stays in the file after the
     holder is gone: `previous` is what the last holder left, i.e. the run to clean up after if it died.
     """
 
-    def __init__(self, path: Path | str, **info: Any):
+    def __init__(self, path: Path | str, on_wait: Optional[Callable[[dict[str, Any]], None]] = None, **info: Any):
+        """`on_wait`: instead of raising LockHeld, call it with the holder's record and wait for the lock."""
         self.path = Path(path)
+        self.on_wait = on_wait
         self.record: dict[str, Any] = {"pid": os.getpid(), "host": socket.gethostname(),
                                        "started_unix": round(time.time(), 3), **info}
         self.previous: dict[str, Any] = {}
@@ -159,8 +161,11 @@ class HolderLock:
         except BlockingIOError:
             f.seek(0)
             holder = _parse_record(f.read())
-            f.close()
-            raise LockHeld(self.path, holder) from None
+            if self.on_wait is None:
+                f.close()
+                raise LockHeld(self.path, holder) from None
+            self.on_wait(holder)
+            fcntl.flock(f, fcntl.LOCK_EX)
         f.seek(0)
         self.previous = _parse_record(f.read())
         self._file = f

@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import os
 import re
@@ -27,7 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -37,6 +36,7 @@ from prefect.states import Completed, Failed
 
 from components.config import load_params, parse_override, write_overrides
 from components.errors import UserError
+from components.io import HolderLock, describe_holder
 from components.tracking.lineage import output_run_id, resolve_tracking_uri
 from components.tracking.registry import check_tracking_server
 from flows.runtime import repo_root
@@ -201,21 +201,10 @@ def reproduce_stage(stage: str, root: str, force: bool = False):
     return Completed(message=f"{stage}: {outcome.lower()} in {seconds} s", name=outcome, data=result)
 
 
-@contextlib.contextmanager
-def pipeline_lock(root: Path, log) -> Iterator[None]:
-    """Hold the pipeline-wide lock; a second pipeline run waits here (and says so) until the first ends."""
-    path = root / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"another pipeline run holds {LOCK_FILE}; waiting for it to finish")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def pipeline_lock(root: Path, log) -> HolderLock:
+    """The pipeline-wide lock; a second pipeline run waits for it (and says for whom) until the first ends."""
+    return HolderLock(root / LOCK_FILE, purpose="pipeline", on_wait=lambda holder: log(
+        f"another pipeline run holds {LOCK_FILE} ({describe_holder(holder)}); waiting for it to finish"))
 
 
 # ---------------------------------------------------------------- the flow

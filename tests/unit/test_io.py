@@ -99,3 +99,32 @@ def test_holder_lock_names_its_holder_and_is_released_when_the_holder_dies(tmp_p
             assert time.time() < deadline
             time.sleep(0.1)
     assert json.loads(path.read_text())["mlflow_run_id"] == "r2"
+
+
+def test_a_waiting_holder_lock_is_told_who_holds_it_and_gets_it_when_released(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from components.io import HolderLock
+
+    path = tmp_path / "pipeline.lock"
+    first = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from components.io import HolderLock\n"
+        f"with HolderLock({str(path)!r}, purpose='first'): print('held', flush=True); sys.stdin.readline()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=os.getcwd())
+    try:
+        assert first.stdout.readline().strip() == "held"
+        told = []
+
+        def release_after_being_told(holder):
+            told.append(holder)
+            first.stdin.write("release\n")
+            first.stdin.flush()
+
+        with HolderLock(path, purpose="second", on_wait=release_after_being_told) as lock:
+            assert [h["pid"] for h in told] == [first.pid] and told[0]["purpose"] == "first"
+            assert lock.previous["purpose"] == "first"
+    finally:
+        first.kill()
+        first.wait()
