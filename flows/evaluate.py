@@ -108,7 +108,11 @@ def evaluate_with_progress(ctx: StageContext, progress, warn, skipped: tuple[str
     set_torch_threads(models[names[0]].spec, sampling=True)
     progress(f"reference: held-out sets and {protocol.FLOOR_DRAWS} floor draws")
     reference = leaderboard.build_reference(shards, featurizer, p, ctx.repo, progress, warn)
-    board = leaderboard.score_models(models, reference, p, ctx.out_dir, progress)
+    d = ctx.params.distributed
+    ranks = None if d.world_size == 1 else leaderboard.RankSplit(
+        {name: ctx.path(f"models/{name}") for name in names}, shards, featurizer, ctx.repo,
+        ctx.path("checkpoints/evaluate"), p, d)
+    board = leaderboard.score_models(models, reference, p, ctx.out_dir, progress, ranks)
     if "dpo" in models:
         progress("dpo: alignment block (win rate, rewards, implicit accuracy)")
         board.metrics["dpo"] = leaderboard.dpo_block(models, reference, shards, featurizer, ctx.repo, p.seed)

@@ -6,6 +6,7 @@ Prefect and MLflow.
 from __future__ import annotations
 
 import csv
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -23,6 +24,7 @@ from components.evaluation.plots import (image_grid, quality_vs_nfe, scatter_gri
                                          write_quality_tables_per_model)
 from components.evaluation.report import write_html_report
 from components.evaluation.straightness import path_straightness
+from components.evaluation.uncertainty import Estimate
 from components.models.store import SPEC_FILE, WEIGHTS_FILE, LoadedModel, load_denoiser
 from components.tracking.lineage import MANIFEST
 
@@ -156,26 +158,98 @@ def model_plots(name: str, result: protocol.ModelResult, states, reference: prot
     return images
 
 
+ModelScore = tuple[protocol.ModelResult, Estimate, torch.Tensor]  # (result, straightness, ODE states for the plot)
+
+
+def score_model(name: str, model: LoadedModel, reference: protocol.Reference, p: EvaluateParams,
+                progress: Log) -> ModelScore:
+    """One model: default and best sampler x grid at every NFE with intervals, and its straightness."""
+    progress(f"{name}: sampling at NFE {p.nfe} ({reference.n} points each; sweep on {p.n_sweep})")
+    result = protocol.evaluate_model(name, model, reference, p.nfe, p.seed, p.n_sweep, p.samplers, p.grids, progress)
+    noise, cond = protocol.fixed_noise_and_labels(model, min(reference.n, p.straightness_samples), p.seed)
+    estimate, states = path_straightness(model, noise, cond, p.straightness_steps)
+    progress(f"{name}: done (straightness {estimate.value:.4f})")
+    return result, estimate, states
+
+
+@dataclass
+class RankSplit:
+    """Score the models on launched ranks (the `distributed` section): each rank rebuilds the same reference and
+    scores every world-size-th model into `work`; the stage reads them back in model order. Every model's numbers
+    depend only on its own seeds, so the result is the one process's."""
+
+    models: dict[str, Path]
+    shards: Path
+    featurizer: Path
+    repo: Path
+    work: Path
+    params: EvaluateParams
+    distributed: Any  # DistributedParams
+
+
+def scores_from_ranks(split: RankSplit, progress: Log) -> dict[str, ModelScore]:
+    from components.training.recipe import launch_worker, task_ref
+
+    shutil.rmtree(split.work, ignore_errors=True)
+    args = {"models": {k: str(v) for k, v in split.models.items()}, "shards": str(split.shards),
+            "featurizer": str(split.featurizer), "repo": str(split.repo), "work": str(split.work.resolve()),
+            "params": split.params.model_dump(mode="json")}
+    progress(f"scoring {len(split.models)} models on {split.distributed.world_size} ranks")
+    launch_worker({"call": task_ref(score_share), "job": args}, split.work, split.distributed.processes_per_node,
+                  split.distributed.nodes, split.distributed.timeout_s, "evaluate ranks")
+    scores = {}
+    for name in split.models:
+        saved = torch.load(split.work / f"{name}.pt", weights_only=False)  # written by this stage's ranks just now
+        scores[name] = (protocol.ModelResult(saved["entry"], saved["samples"], saved["best_samples"]),
+                        Estimate(*saved["straightness"]), saved["states"])
+    shutil.rmtree(split.work, ignore_errors=True)
+    return scores
+
+
+def score_share(args: dict[str, Any]) -> None:
+    """One launched rank of :func:`scores_from_ranks`."""
+    from components.io import world_info
+    from components.training.distributed import rank_share
+
+    rank, _ = world_info()
+    p = EvaluateParams(**args["params"])
+    def log(message: str) -> None:  # the reference is the same on every rank: rank 0 says it once
+        if rank == 0:
+            print(message, flush=True)
+
+    reference = build_reference(Path(args["shards"]), Path(args["featurizer"]), p, Path(args["repo"]), log, log)
+    names = list(args["models"])
+    shape = read_shard_manifest(Path(args["shards"]))["shape"]
+    for i in rank_share(len(names)):
+        name = names[i]
+        model = load_model(Path(args["models"][name]), shape)
+        result, estimate, states = score_model(name, model, reference, p,
+                                               lambda message: print(f"[rank {rank}] {message}", flush=True))
+        path = Path(args["work"]) / f"{name}.pt"
+        torch.save({"entry": result.entry, "samples": result.samples, "best_samples": result.best_samples,
+                    "straightness": [estimate.value, estimate.lo, estimate.hi], "states": states},
+                   path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+
+
 def score_models(models: dict[str, LoadedModel], reference: protocol.Reference, p: EvaluateParams, report: Path,
-                 progress: Log) -> Leaderboard:
-    """Per model: default and best sampler x grid at every NFE with intervals, straightness and its plots; then
-    the verdicts against the teacher's best, the quality-vs-NFE plots and the metrics.json document."""
+                 progress: Log, ranks: Optional[RankSplit] = None) -> Leaderboard:
+    """Per model (in this process, or on `ranks`): default and best sampler x grid at every NFE with intervals,
+    straightness and its plots; then the verdicts against the teacher's best, the quality-vs-NFE plots and the
+    metrics.json document."""
     kind = reference.kind
     metric = protocol.PRIMARY[kind]
     results: dict[str, Any] = {}
     straightness: dict[str, Any] = {}
     images: dict[str, Path] = {}
-    for name, model in models.items():
-        progress(f"{name}: sampling at NFE {p.nfe} ({reference.n} points each; sweep on {p.n_sweep})")
-        result = protocol.evaluate_model(name, model, reference, p.nfe, p.seed, p.n_sweep, p.samplers, p.grids,
-                                         progress)
-        noise, cond = protocol.fixed_noise_and_labels(model, min(reference.n, p.straightness_samples), p.seed)
-        estimate, states = path_straightness(model, noise, cond, p.straightness_steps)
+    scores = (scores_from_ranks(ranks, progress) if ranks is not None
+              else {name: score_model(name, model, reference, p, progress) for name, model in models.items()})
+    for name in models:
+        result, estimate, states = scores[name]
         straightness[name] = estimate.value
         straightness[f"{name}_ci"] = [estimate.lo, estimate.hi]
         results[name] = result.entry
         images.update(model_plots(name, result, states, reference, report, p.image_grid_size))
-        progress(f"{name}: done (straightness {estimate.value:.4f})")
     teacher_best = protocol.mark_verdicts(results, metric)
     best_tables = {m: {"nfe": r["best"]} for m, r in results.items()}
     for plotted in PLOT_METRICS[kind]:

@@ -97,9 +97,11 @@ def progressive_distillation(teacher: LoadedModel, shards: Path, p: ProgressiveP
 
 def consistency_spec(base: dict[str, Any], p: ConsistencyParams) -> dict[str, Any]:
     """The consistency model's model.json: `base` (the teacher's spec without its sampler) as a consistency
-    function, sampled with multistep consistency sampling."""
+    function, sampled with multistep consistency sampling. Its intermediate noise levels: geometric (`logsnr`),
+    the grid measured best at 2 and 4 steps (bench_consistency_grid: 1.73x and 2.25x the floor vs the Karras
+    `edm` points' 4.16x and 3.79x, over 4 noise seeds); at one step every grid is the same single jump."""
     return {**base, "consistency": {"sigma_min": p.sigma_min, "sigma_max": p.sigma_max, "mode": p.mode},
-            "sampler": {"method": "consistency", "grid": "edm", "steps": p.sampler_steps, "guidance": 1.0}}
+            "sampler": {"method": "consistency", "grid": "logsnr", "steps": p.sampler_steps, "guidance": 1.0}}
 
 
 def consistency_objective_settings(p: ConsistencyParams) -> dict[str, Any]:

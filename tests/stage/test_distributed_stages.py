@@ -218,3 +218,33 @@ def test_dpo_on_two_ranks_and_a_user_error_on_a_rank_is_one_line(taught_project)
     assert load_denoiser(taught_project / "models/dpo") is not None
     assert run_record(taught_project, "dpo")["upstream"]["preferences"] == \
         run_record(taught_project, "preferences")["mlflow_run_id"]
+
+
+def test_evaluate_on_two_ranks_gives_the_one_process_numbers(taught_project):
+    """Issue 15: the evaluate stage scores its models on 2 launched ranks (each rank every other model) and merges
+    them into the same metrics.json as one process (timings aside)."""
+    import shutil
+
+    def numbers(value):  # metrics.json without its timings
+        if isinstance(value, dict):
+            return {k: numbers(v) for k, v in value.items() if "sec" not in k}
+        return [numbers(v) for v in value] if isinstance(value, list) else value
+
+    shutil.copytree(taught_project / "models/teacher", taught_project / "models/twin")  # a second model to split
+    set_params(taught_project, {"evaluate": {"models": ["teacher", "twin"], "nfe": [1, 2], "n_samples": 400,
+                                             "n_sweep": 64, "samplers": ["euler", "heun"], "grids": ["uniform"],
+                                             "straightness_samples": 64, "straightness_steps": 4}})
+    for stage in ("featurizer", "evaluate"):  # featurizer: a marker on 2-D data, evaluate's declared input
+        r = run_flows(taught_project, stage)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one = json.loads((taught_project / "data/evaluate/metrics.json").read_text())
+    assert set(one["models"]) == {"teacher", "twin"}
+
+    set_params(taught_project, {"distributed": {"processes_per_node": 2}})
+    proc = subprocess.Popen([sys.executable, "-m", "flows", "evaluate"], cwd=taught_project, env=project_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ranks = _ranks_seen(proc, 600)
+    assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    assert ranks == 2
+    two = json.loads((taught_project / "data/evaluate/metrics.json").read_text())
+    assert numbers(two) == numbers(one)
