@@ -134,6 +134,16 @@ DPO_PAIRS = {"reward": {"kind": "region", "squares": [], "boxes": [[1.5, -0.6, 2
              "min_margin": 0.05}
 
 
+def stage_on_ranks(project, stage: str) -> int:
+    """Run `python -m flows <stage>` (params set to 2 ranks by the caller); it must succeed. Returns the most ranks
+    seen at once."""
+    proc = subprocess.Popen([sys.executable, "-m", "flows", stage], cwd=project, env=project_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ranks = _ranks_seen(proc, 600)
+    assert proc.returncode == 0, proc.stderr.read()[-3000:]
+    return ranks
+
+
 @pytest.mark.parametrize("stage, params", [
     ("progressive", {"teacher_steps": 2, "steps": 10, "batch_size": 64, "checkpoint_every": 0, "log_every": 5}),
     ("consistency", {"steps": 10, "batch_size": 64, "checkpoint_every": 0, "log_every": 5}),
@@ -143,11 +153,7 @@ def test_student_stage_on_two_ranks_writes_a_model_with_lineage(taught_project, 
     from components.models.store import load_denoiser
 
     set_params(taught_project, {stage: params, "distributed": {"processes_per_node": 2}})
-    proc = subprocess.Popen([sys.executable, "-m", "flows", stage], cwd=taught_project, env=project_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ranks = _ranks_seen(proc, 600)
-    assert proc.returncode == 0, proc.stderr.read()[-3000:]
-    assert ranks == 2
+    assert stage_on_ranks(taught_project, stage) == 2
     assert load_denoiser(taught_project / f"models/{stage}") is not None
     assert run_record(taught_project, stage)["mlflow_run_id"]
 
@@ -172,22 +178,14 @@ def test_couplings_on_two_ranks_write_the_same_shards_as_one_process(taught_proj
     assert len(one) == 2
 
     set_params(taught_project, {"distributed": {"processes_per_node": 2}})
-    proc = subprocess.Popen([sys.executable, "-m", "flows", "couplings"], cwd=taught_project, env=project_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ranks = _ranks_seen(proc, 600)
-    assert proc.returncode == 0, proc.stderr.read()[-3000:]
-    assert ranks == 2
+    assert stage_on_ranks(taught_project, "couplings") == 2
     assert shard_digests() == one
     assert json.loads((taught_project / "data/couplings/metrics.json").read_text())["processes"] == 2
 
     # reflow on those couplings, on the same 2 ranks
     set_params(taught_project, {"reflow": {"steps": 10, "batch_size": 32, "checkpoint_every": 0, "log_every": 5,
                                            "warmup_steps": 2, "distill_nfe": 0}})
-    proc = subprocess.Popen([sys.executable, "-m", "flows", "reflow"], cwd=taught_project, env=project_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ranks = _ranks_seen(proc, 600)
-    assert proc.returncode == 0, proc.stderr.read()[-3000:]
-    assert ranks == 2
+    assert stage_on_ranks(taught_project, "reflow") == 2
     assert load_denoiser(taught_project / "models/reflow") is not None
     assert run_record(taught_project, "reflow")["upstream"]["couplings"] == \
         run_record(taught_project, "couplings")["mlflow_run_id"]
@@ -210,11 +208,7 @@ def test_dpo_on_two_ranks_and_a_user_error_on_a_rank_is_one_line(taught_project)
     assert last.startswith("error: dpo.batch_size=4096 is more than the ") and "training pairs" in last
 
     set_params(taught_project, {"dpo": {**dpo, "batch_size": 32}})
-    proc = subprocess.Popen([sys.executable, "-m", "flows", "dpo"], cwd=taught_project, env=project_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ranks = _ranks_seen(proc, 600)
-    assert proc.returncode == 0, proc.stderr.read()[-3000:]
-    assert ranks == 2
+    assert stage_on_ranks(taught_project, "dpo") == 2
     assert load_denoiser(taught_project / "models/dpo") is not None
     assert run_record(taught_project, "dpo")["upstream"]["preferences"] == \
         run_record(taught_project, "preferences")["mlflow_run_id"]
@@ -241,10 +235,6 @@ def test_evaluate_on_two_ranks_gives_the_one_process_numbers(taught_project):
     assert set(one["models"]) == {"teacher", "twin"}
 
     set_params(taught_project, {"distributed": {"processes_per_node": 2}})
-    proc = subprocess.Popen([sys.executable, "-m", "flows", "evaluate"], cwd=taught_project, env=project_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    ranks = _ranks_seen(proc, 600)
-    assert proc.returncode == 0, proc.stderr.read()[-3000:]
-    assert ranks == 2
+    assert stage_on_ranks(taught_project, "evaluate") == 2
     two = json.loads((taught_project / "data/evaluate/metrics.json").read_text())
     assert numbers(two) == numbers(one)
