@@ -285,7 +285,9 @@ def kid(feats_a, feats_b) -> Estimate:
 
 
 def fd_with_interval(feats_gen, feats_ref, seed: int = BOOT_SEED, n_boot: int = N_BOOT) -> Estimate:
-    """Squared Fréchet distance with a percentile bootstrap interval over both feature sets."""
+    """Squared Fréchet distance with a basic (reflected) bootstrap interval over both feature sets, which corrects
+    for the bootstrap's own upward bias. When that bias exceeds the value (small n in many dimensions: resampling
+    duplicates inflate the covariances), the interval starts at 0: the data cannot tell the sets apart."""
     a, b = _as_float64(feats_gen).numpy(), _as_float64(feats_ref).numpy()
 
     def fd(x: np.ndarray, y: np.ndarray) -> float:
