@@ -200,15 +200,17 @@ def _parse_record(text: str) -> dict[str, Any]:
 
 
 def world_info() -> tuple[int, int]:
-    """(rank, world size) of this process: the live torch.distributed group's if there is one, else the launcher's
-    RANK / WORLD_SIZE, else (0, 1). The one rank lookup (data loader, Trainer, sampling splits); it never imports
-    torch itself, so a process without torch has no group."""
+    """(rank, world size) of this process: the launcher's RANK / WORLD_SIZE when set (they describe the job this
+    process is a rank of), else the live torch.distributed group's, else (0, 1). The one rank lookup (data loader,
+    Trainer, sampling splits); it never imports torch itself, so a process without torch has no group."""
     import sys
 
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return 0, 1
 
 
 def free_port() -> int:
