@@ -26,14 +26,21 @@ export DVC_NO_ANALYTICS=true PREFECT_HOME="$LOGS" PREFECT_SERVER_ANALYTICS_ENABL
 export PATH="$ROOT/.venv/bin:$PATH"
 
 pids=()
+descendants() {  # every process below $1 (found before stopping: a killed parent's children are re-parented)
+  local child
+  for child in $(pgrep -P "$1" 2>/dev/null); do echo "$child"; descendants "$child"; done
+}
+alive() { local p; for p in "$@"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
 stop() {  # the serve process first (it talks to the Prefect server while stopping), then the servers
   trap - INT TERM EXIT
   echo; echo "stopping..."
   for ((i=${#pids[@]}-1; i>=0; i--)); do
     pid=${pids[i]}
-    kill -TERM -- "-$pid" 2>/dev/null || true
-    for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-    kill -KILL -- "-$pid" 2>/dev/null || true
+    # `prefect server start` runs its server in a session of its own: not in $pid's group, so name it too
+    kids=$(descendants "$pid")
+    kill -TERM -- "-$pid" $kids 2>/dev/null || true
+    for _ in $(seq 1 40); do alive "$pid" $kids || break; sleep 0.5; done
+    kill -KILL -- "-$pid" $kids 2>/dev/null || true
   done
   wait 2>/dev/null || true
   echo "stopped"
