@@ -139,6 +139,13 @@ def count_samples_with_plain_tar(shard_dir, split: str) -> int:
     return n
 
 
+def ctrl_c_reaches() -> None:
+    """preexec_fn for a process that a test stops with Ctrl-C (interrupt_session): SIGINT at its default. A test run
+    started as a background job inherits SIGINT ignored, and neither bash (`trap`) nor Python (KeyboardInterrupt)
+    can catch a signal ignored at start; a terminal's Ctrl-C reaches a shell whose SIGINT is at its default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_session(proc: subprocess.Popen, timeout: float) -> None:
     """Ctrl-C for a process started with start_new_session=True (its whole group), SIGKILL after `timeout` s."""
     os.killpg(proc.pid, signal.SIGINT)

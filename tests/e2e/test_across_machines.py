@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from components.io import free_port
-from tests.conftest import commit_all, interrupt_session, project_env, run_dvc, run_flows
+from tests.conftest import commit_all, ctrl_c_reaches, interrupt_session, project_env, run_dvc, run_flows
 from tests.e2e.test_pipeline import PROBES, add_probe_stages, locked_params, ran_stages
 
 EXPERIMENT = "diffusion-distill"
@@ -98,7 +98,7 @@ def ui_servers(tmp_path_factory):
                       MLFLOW_ARTIFACTS=str(base / "server-artifacts"))
     env.pop("PREFECT_API_URL", None)
     proc = subprocess.Popen(["bash", "scripts/ui.sh"], cwd=root, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True, preexec_fn=ctrl_c_reaches)
     lines = []
     try:
         for line in proc.stdout:  # the URLs are printed once both servers answer
@@ -236,7 +236,7 @@ def test_run_created_through_the_api_completes_on_a_pool_worker(ui_servers):
     assert r.returncode == 0 and "pipeline/gpu-probe_b" in r.stderr, r.stderr[-2000:]
     worker = subprocess.Popen([sys.executable, "-m", "flows", "worker", "--pool", "gpu"], cwd=root,
                               env=project_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+                              start_new_session=True, preexec_fn=ctrl_c_reaches)
     try:
         with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
             with get_client(sync_client=True) as client:

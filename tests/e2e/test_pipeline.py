@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import commit_all, interrupt_session, project_env, run_dvc, run_flows, run_record
+from tests.conftest import commit_all, ctrl_c_reaches, interrupt_session, project_env, run_dvc, run_flows, run_record
 
 PROBES = ("probe_a", "probe_b")
 
@@ -171,7 +171,8 @@ def test_served_deployment_run_with_override(project, prefect_api):
 
     add_probe_stages(project)
     serve = subprocess.Popen([sys.executable, "-m", "flows", "serve"], cwd=project, env=project_env(),
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                             preexec_fn=ctrl_c_reaches)
     try:
         with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
             wait_for_deployment("pipeline/all")
