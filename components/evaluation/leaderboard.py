@@ -6,6 +6,7 @@ Prefect and MLflow.
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,8 +200,8 @@ def scores_from_ranks(split: RankSplit, progress: Log) -> dict[str, ModelScore]:
                   split.distributed.nodes, split.distributed.timeout_s, "evaluate ranks")
     scores = {}
     for name in split.models:
-        saved = torch.load(split.work / f"{name}.pt", weights_only=False)  # written by this stage's ranks just now
-        scores[name] = (protocol.ModelResult(saved["entry"], saved["samples"], saved["best_samples"]),
+        saved = torch.load(split.work / f"{name}.pt", weights_only=True)  # tensors and a JSON string: no unpickling
+        scores[name] = (protocol.ModelResult(json.loads(saved["entry"]), saved["samples"], saved["best_samples"]),
                         Estimate(*saved["straightness"]), saved["states"])
     shutil.rmtree(split.work, ignore_errors=True)
     return scores
@@ -226,8 +227,9 @@ def score_share(args: dict[str, Any]) -> None:
         result, estimate, states = score_model(name, model, reference, p,
                                                lambda message: print(f"[rank {rank}] {message}", flush=True))
         path = Path(args["work"]) / f"{name}.pt"
-        torch.save({"entry": result.entry, "samples": result.samples, "best_samples": result.best_samples,
-                    "straightness": [estimate.value, estimate.lo, estimate.hi], "states": states},
+        entry = json.dumps(result.entry, default=lambda v: v.item())  # numpy scalars -> their Python values
+        torch.save({"entry": entry, "samples": result.samples, "best_samples": result.best_samples,
+                    "straightness": [float(estimate.value), float(estimate.lo), float(estimate.hi)], "states": states},
                    path.with_suffix(".tmp"))
         path.with_suffix(".tmp").replace(path)
 

@@ -81,9 +81,9 @@ def checkpoint_dir(root: Path | str, config: TrainConfig, *identity: Any) -> Pat
 
 def set_torch_threads(spec: dict[str, Any], requested: int = 0, sampling: bool = False) -> int:
     """Intra-op threads for this process running the model of `spec`: `requested`, or for 0 all cores (its share of
-    them on a launched rank), except one
-    thread for training MLPs (a batch-512 MLP step is dominated by thread synchronisation, which collapses when
-    cores are shared). Sampling stages push batches of thousands through an MLP: there 2 threads are 1.7x one."""
+    them on a launched rank), except one thread for training MLPs (a batch-512 MLP step is dominated by thread
+    synchronisation, which collapses when cores are shared). Sampling stages push batches of thousands through an
+    MLP: there 2 threads are 1.7x one."""
     small = spec["network"]["kind"] == "mlp" and not sampling
     # Launched ranks share the machine's cores (LOCAL_WORLD_SIZE: ranks on this node).
     cores = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
