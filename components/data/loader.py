@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ import torch
 from components.data.shards import read_shard_manifest, shard_paths, to_model_range
 from components.errors import DataError
 from components.io import world_info
+
+if TYPE_CHECKING:
+    from components.config import TrainConfig
 
 
 def _decode(record: dict) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -205,3 +208,12 @@ def infinite_batches(loader) -> Iterator[dict]:
             yield batch
         if empty:
             raise DataError("the loader produced no batches (fewer samples than one batch?)")
+
+
+def shard_batches(shards: Path | str, config: "TrainConfig", world_size: int) -> Iterator[dict]:
+    """Endless shuffled micro-batches of the train split for this rank of a training stage. Multi-rank: exact epochs
+    split by node and rank, the same number of batches on every rank (no rank waits on another)."""
+    micro = config.micro_batch_size(world_size)
+    if world_size > 1:
+        return epoch_batches(shards, "train", micro, seed=config.seed)
+    return infinite_batches(make_loader(shards, "train", micro, shuffle=True, seed=config.seed, drop_last=True))

@@ -9,7 +9,6 @@ from components.evaluation.featurizer import (
     load_classifier,
     predict_labels,
     save_classifier,
-    train_reference_classifier,
 )
 from components.evaluation.metrics import (
     DEFAULT_MMD_BANDWIDTHS,
@@ -42,7 +41,7 @@ from components.evaluation.report import MetricsSchemaError, validate_metrics_sc
 
 __all__ = [
     "ClassifierConfig", "MissingDependencyError", "ReferenceClassifier", "extract_features", "inception_fid",
-    "load_classifier", "predict_labels", "save_classifier", "train_reference_classifier",
+    "load_classifier", "predict_labels", "save_classifier",
     "DEFAULT_MMD_BANDWIDTHS", "DEFAULT_N_DIRECTIONS", "PROTOCOL_SEED", "class_accuracy", "disjoint_subsets",
     "fixed_directions", "frechet_distance", "frechet_distance_from_statistics", "gaussian_statistics",
     "knn_precision_recall", "mmd_rbf", "path_length_ratio", "ratio_to_floor",

@@ -1,4 +1,5 @@
-"""Reference featurizer for image evaluation: a small CNN classifier trained on the train split only.
+"""Reference featurizer for image evaluation: a small CNN classifier trained on the train split only (by the
+featurizer stage, through the one training recipe: components/training/classifier_training.py).
 
 Its penultimate activations are the feature space for Fréchet distance and k-NN precision/recall, and
 its predictions give the class accuracy of conditional samples. It is saved as a versioned artifact
@@ -17,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from components.errors import DataError
 
 WEIGHTS_FILENAME = "classifier.pt"
 CONFIG_FILENAME = "classifier.json"
@@ -95,45 +98,18 @@ def _check_images(images: torch.Tensor, in_channels: int | None = None) -> torch
     return images.float()
 
 
-def train_reference_classifier(
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    num_classes: int,
-    steps: int = 500,
-    batch_size: int = 128,
-    lr: float = 2e-3,
-    seed: int = 0,
-    width: int = 32,
-    feature_dim: int = 128,
-) -> ReferenceClassifier:
-    """Train the reference classifier with Adam on (images [N, C, H, W], labels [N]); deterministic given seed.
-
-    Use the training split only: the held-out split is what samples are compared against.
-    Returns the model in eval mode.
-    """
-    images = _check_images(images)
-    labels = torch.as_tensor(labels).long().reshape(-1)
-    if labels.numel() != images.shape[0]:
-        raise ValueError(f"labels: expected {images.shape[0]} labels, got {labels.numel()}")
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"labels: values must be in [0, {num_classes - 1}], got [{int(labels.min())}, {int(labels.max())}]")
-    if steps < 1 or batch_size < 1 or not lr > 0:
-        raise ValueError(f"steps, batch_size must be >= 1 and lr > 0, got steps={steps}, batch_size={batch_size}, lr={lr}")
-    config = ClassifierConfig(images.shape[1], num_classes, width=width, feature_dim=feature_dim)
-    # Seed initialisation without disturbing the caller's global RNG state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = ReferenceClassifier(config)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        batch_index = torch.randint(0, images.shape[0], (min(batch_size, images.shape[0]),), generator=generator)
-        loss = F.cross_entropy(model(images[batch_index]), labels[batch_index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return model.eval()
+def classifier_config(manifest: dict) -> ClassifierConfig:
+    """The reference classifier for the images of a shard manifest; DataError when it cannot learn them (no class
+    labels, or a shape it does not take)."""
+    num_classes = manifest.get("num_classes")
+    if not num_classes or num_classes < 2:
+        raise DataError("featurizer: image data needs class labels (>= 2 classes) to train the reference "
+                        "classifier; use an image_folder with class subfolders or an npz with labels")
+    channels, height, width = manifest["shape"]
+    if channels not in (1, 3) or not (MIN_IMAGE_SIZE <= min(height, width) and max(height, width) <= MAX_IMAGE_SIZE):
+        raise DataError(f"featurizer: the reference classifier takes 1 or 3 channels of {MIN_IMAGE_SIZE}..."
+                        f"{MAX_IMAGE_SIZE} pixels a side; the shards hold images of shape {list(manifest['shape'])}")
+    return ClassifierConfig(channels, num_classes)
 
 
 @torch.no_grad()
@@ -157,7 +133,13 @@ def save_classifier(model: ReferenceClassifier, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), directory / WEIGHTS_FILENAME)
-    (directory / CONFIG_FILENAME).write_text(json.dumps(asdict(model.config), indent=2, sort_keys=True))
+    return save_classifier_config(model.config, directory)
+
+
+def save_classifier_config(config: ClassifierConfig, directory: str | Path) -> Path:
+    """Write ``classifier.json`` next to weights written elsewhere (the training recipe exports ``classifier.pt``)."""
+    directory = Path(directory)
+    (directory / CONFIG_FILENAME).write_text(json.dumps(asdict(config), indent=2, sort_keys=True))
     return directory
 
 

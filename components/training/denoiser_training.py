@@ -3,11 +3,10 @@ the one training recipe (components/training/recipe.py) on the WebDataset loader
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 from components.config import ModelParams, TeacherParams, TrainConfig
-from components.data.loader import epoch_batches, infinite_batches, make_loader
+from components.data.loader import shard_batches
 from components.errors import DataError
 from components.models.store import build_denoiser
 from components.objectives.denoising import make_objective
@@ -67,15 +66,6 @@ def objective_config(spec: dict[str, Any], teacher: TeacherParams) -> dict[str, 
     if spec["objective"] == "edm":
         kwargs["sigma_data"] = spec["sigma_data"]
     return {"name": spec["objective"], "kwargs": kwargs}
-
-
-def shard_batches(shards: Path | str, config: TrainConfig, world_size: int) -> Iterator[dict]:
-    """Endless shuffled micro-batches of the train split for this rank. Multi-rank: exact epochs split by node and
-    rank, the same number of batches on every rank (no rank waits on another)."""
-    micro = config.micro_batch_size(world_size)
-    if world_size > 1:
-        return epoch_batches(shards, "train", micro, seed=config.seed)
-    return infinite_batches(make_loader(shards, "train", micro, shuffle=True, seed=config.seed, drop_last=True))
 
 
 def denoiser_task(args: dict[str, Any], config: TrainConfig, world_size: int, threads: int = 0) -> TrainingTask:

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from components.config import ConsistencyParams, ProgressiveParams, TrainConfig
+from components.data.loader import shard_batches
 from components.diffusion.guidance import GuidedDenoiser
 from components.errors import DataError
 from components.models.store import WEIGHTS_FILE, LoadedModel, build_denoiser, load_denoiser, load_weights, save_denoiser
 from components.objectives.consistency import ConsistencyObjective, ConsistencyPair
 from components.objectives.progressive import ProgressiveObjective
-from components.training.denoiser_training import shard_batches
 from components.training.recipe import TrainingTask, run_job, set_torch_threads, training_job
 
 

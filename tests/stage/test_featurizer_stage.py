@@ -1,8 +1,9 @@
 """The featurizer stage through `python -m flows featurizer`, and the image branch of evaluate that uses it.
 
 2-D data: a not-applicable marker only. Images (scikit-learn's bundled digits): the classifier is trained on the
-train split and scores well above chance on the held-out split; evaluate then reports FD / precision / recall /
-class accuracy in its feature space, recomputed here independently from the saved classifier and model.
+train split (through the one training recipe, in one process or on 2 launched ranks) and scores well above chance
+on the held-out split; evaluate then reports FD / precision / recall / class accuracy in its feature space,
+recomputed here independently from the saved classifier and model.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from components.evaluation import (class_accuracy, extract_features, frechet_dis
                                    load_classifier, predict_labels, validate_metrics_schema)
 from components.io import write_json
 from components.models.store import build_denoiser, load_denoiser, save_denoiser
-from tests.conftest import commit_all, run_flows, set_params
+from tests.conftest import commit_all, run_flows, run_record, set_params
+from tests.stage.test_distributed_stages import stage_on_ranks
 
 
 def write_shards_for(project, data: DataParams) -> None:
@@ -37,6 +39,35 @@ def test_points_data_gets_a_marker_and_no_classifier(project):
     assert not (out / "classifier.pt").exists()
     assert json.loads((project / "data" / "featurizer" / "metrics.json").read_text())["applicable"] == 0
     assert json.loads((out / "manifest.json").read_text())["lineage"]["stage"] == "featurizer"
+
+
+def test_digits_featurizer_on_two_ranks_writes_a_classifier_with_lineage_and_resumes(project):
+    """Issue 15: the featurizer trains through the one recipe, so the `distributed` section alone puts it on 2 ranks
+    (train shards split by rank); its checkpoint resumes, here in one process when `steps` is raised."""
+    write_shards_for(project, DataParams(source="digits"))
+    set_params(project, {"featurizer": {"steps": 60, "batch_size": 64, "log_every": 20},
+                         "distributed": {"processes_per_node": 2}})
+    commit_all(project, "digits featurizer on 2 ranks")
+    assert stage_on_ranks(project, "featurizer") == 2
+    metrics = json.loads((project / "data" / "featurizer" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 60 and metrics["resumed_from_step"] == 0
+    val_x, val_y = read_split(project / "data" / "shards", "val")
+    classifier = load_classifier(project / "models" / "featurizer")
+    assert metrics["val_accuracy"] == pytest.approx(class_accuracy(predict_labels(classifier, torch.from_numpy(val_x)),
+                                                                   val_y))
+    assert metrics["val_accuracy"] > 0.5  # 10 classes: chance is 0.1
+    manifest = json.loads((project / "models" / "featurizer" / "manifest.json").read_text())
+    assert manifest["lineage"]["stage"] == "featurizer" and run_record(project, "featurizer")["mlflow_run_id"]
+    assert [i["path"] for i in manifest["lineage"]["inputs"]] == ["data/shards"]
+    assert list((project / manifest["checkpoint_dir"]).glob("step00000060/trainer_state.json"))
+
+    set_params(project, {"featurizer": {"steps": 80}, "distributed": {"processes_per_node": 1}})
+    commit_all(project, "20 more steps in one process")
+    r = run_flows(project, "featurizer")
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((project / "data" / "featurizer" / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 60 and metrics["steps"] == 80 and metrics["processes"] == 1
+    assert metrics["val_accuracy"] > 0.5
 
 
 def conditional_zero_unet(directory, guidance: float) -> None:

@@ -1,4 +1,5 @@
-"""Reference classifier: learns a separable toy image task, deterministic, saves/loads, clear errors."""
+"""Reference classifier: trained by the one Trainer with its cross-entropy loss it learns a separable toy image task,
+deterministically; saves/loads; clear errors for images it cannot take."""
 
 from __future__ import annotations
 
@@ -7,15 +8,24 @@ import importlib.util
 import pytest
 import torch
 
+from components.config import TrainConfig
+from components.data.memory import shuffled_batches
+from components.errors import DataError
 from components.evaluation.featurizer import (
+    WEIGHTS_FILENAME,
+    ClassifierConfig,
     MissingDependencyError,
+    ReferenceClassifier,
+    classifier_config,
     extract_features,
     inception_fid,
     load_classifier,
     predict_labels,
     save_classifier,
-    train_reference_classifier,
+    save_classifier_config,
 )
+from components.training.classifier_training import classifier_loss
+from components.training.recipe import TrainingTask, train
 
 STEPS = 40
 
@@ -31,12 +41,23 @@ def _stripes(n: int, seed: int, channels: int = 1, size: int = 8) -> tuple[torch
     return images, labels
 
 
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, directory, seed: int = 0) -> ReferenceClassifier:
+    """The featurizer stage's training (classifier_loss through the recipe's `train`: the one Trainer), on images in
+    memory."""
+    config = ClassifierConfig(images.shape[1], num_classes=2, width=8, feature_dim=16)
+    torch.manual_seed(seed)
+    task = TrainingTask(ReferenceClassifier(config), classifier_loss,
+                        shuffled_batches({"x": images, "y": labels}, 32, seed), fingerprint={})
+    train(task, TrainConfig(steps=STEPS, batch_size=32, lr=3e-3, ema_decay=0.0, seed=seed, progress_bar=False),
+          directory / "checkpoints", directory / WEIGHTS_FILENAME)
+    save_classifier_config(config, directory)
+    return load_classifier(directory)
+
+
 @pytest.fixture(scope="module")
-def trained():
+def trained(tmp_path_factory):
     images, labels = _stripes(256, seed=0)
-    model = train_reference_classifier(images, labels, num_classes=2, steps=STEPS, batch_size=32, lr=3e-3, seed=0,
-                                       width=8, feature_dim=16)
-    return model, images, labels
+    return train_classifier(images, labels, tmp_path_factory.mktemp("classifier")), images, labels
 
 
 def test_classifier_learns_separable_stripes(trained):
@@ -54,18 +75,16 @@ def test_features_are_penultimate_and_shaped(trained):
     assert torch.equal(model.head(features).argmax(1), predict_labels(model, images[:10]))
 
 
-def test_training_is_deterministic_given_seed(trained):
+def test_training_is_deterministic_given_seed(trained, tmp_path):
     model, images, labels = trained
-    again = train_reference_classifier(images, labels, num_classes=2, steps=STEPS, batch_size=32, lr=3e-3, seed=0,
-                                       width=8, feature_dim=16)
+    again = train_classifier(images, labels, tmp_path)
     for (name, p1), (_, p2) in zip(model.state_dict().items(), again.state_dict().items()):
         assert torch.equal(p1, p2), name
 
 
 def test_three_channel_32px_input_runs():
-    images, labels = _stripes(16, seed=2, channels=3, size=32)
-    model = train_reference_classifier(images, labels, num_classes=2, steps=1, batch_size=8, seed=0, width=4,
-                                       feature_dim=8)
+    images, _ = _stripes(16, seed=2, channels=3, size=32)
+    model = ReferenceClassifier(ClassifierConfig(3, 2, width=4, feature_dim=8))
     assert extract_features(model, images).shape == (16, 8)
 
 
@@ -81,15 +100,21 @@ def test_save_load_round_trip(trained, tmp_path):
 
 
 def test_bad_inputs_raise_clear_errors(trained):
-    model, images, labels = trained
+    model, images, _ = trained
     with pytest.raises(ValueError, match="channels"):
         extract_features(model, images.repeat(1, 3, 1, 1))
     with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
         predict_labels(model, images[0])
-    with pytest.raises(ValueError, match="labels"):
-        train_reference_classifier(images, labels + 5, num_classes=2, steps=1)
     with pytest.raises(ValueError, match="height and width"):
         extract_features(model, torch.zeros(2, 1, 4, 4))
+
+
+def test_shards_the_classifier_cannot_learn_are_data_errors():
+    assert classifier_config({"shape": [3, 32, 32], "num_classes": 10}) == ClassifierConfig(3, 10)
+    with pytest.raises(DataError, match="class labels"):
+        classifier_config({"shape": [1, 8, 8], "num_classes": None})
+    with pytest.raises(DataError, match=r"\[3, 64, 64\]"):
+        classifier_config({"shape": [3, 64, 64], "num_classes": 10})
 
 
 def test_inception_fid_missing_weights_file(tmp_path):
