@@ -29,8 +29,9 @@ def _fail(message: str, code: int = 2) -> int:
 def run_stage_command(stage: str) -> int:
     from components.config import load_params
     from components.tracking.lineage import resolve_tracking_uri
-    from flows.runtime import InvocationRun, configure_prefect, output_to_prefect, repo_root, use_home_tracking_store
-    from flows.stage import check_declared_inputs
+    from components.tracking.runs import InvocationRun
+    from flows.runtime import configure_prefect, dvc_invocation, output_to_prefect, repo_root, use_home_tracking_store
+    from components.tracking.stage import check_declared_inputs
 
     root = repo_root()
     params = load_params(root / "params.yaml")  # fail fast, before any server or output is touched
@@ -43,7 +44,8 @@ def run_stage_command(stage: str) -> int:
     from flows.stage import COMPLETED
 
     flows.stage.EXIT_IF_PREFECT_LOST = True
-    with InvocationRun(root, params.tracking.experiment, resolve_tracking_uri(root, params.tracking.uri)) as parent:
+    tracking_uri = resolve_tracking_uri(root, params.tracking.uri)
+    with InvocationRun(root, params.tracking.experiment, tracking_uri, dvc_invocation()) as parent:
         stage_flow = module.flow_fn.with_options(flow_run_name=f"{stage}-{parent.run_name}") if parent.run_name \
             else module.flow_fn
         try:
@@ -216,9 +218,21 @@ def main(argv: list[str] | None = None) -> int:
 
             return worker_command(args.pool)
         if args.command == "lineage":
-            from flows.lineage import lineage_command
+            import json
 
-            return lineage_command(args.ref, as_json=args.json)
+            from components.config import load_params
+            from components.tracking.lineage import resolve_tracking_uri
+            from components.tracking.registry import check_tracking_server
+            from components.tracking.runs import format_chain, lineage_chain, resolve_ref
+            from flows.runtime import repo_root
+
+            root = repo_root()
+            params = load_params(root / "params.yaml")
+            tracking_uri = resolve_tracking_uri(root, params.tracking.uri)
+            check_tracking_server(tracking_uri)
+            chain = lineage_chain(resolve_ref(root, args.ref, params.tracking.experiment, tracking_uri), tracking_uri)
+            print(json.dumps(chain, indent=2) if args.json else format_chain(chain))
+            return 0
         if args.command == "server":
             from flows.runtime import ensure_local_server, home_root, local_server_url, repo_root, stop_local_server
 

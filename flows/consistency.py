@@ -11,7 +11,6 @@ import time
 from prefect import flow
 
 from components.data.shards import read_shard_manifest
-from components.errors import UserError
 from components.io import file_md5
 from components.models.store import WEIGHTS_FILE, load_denoiser, save_spec
 from components.training.denoiser_training import teacher_spec
@@ -57,17 +56,7 @@ def distill(ctx: StageContext) -> dict:
 
 @flow(name="consistency", description="Consistency distillation (or training) -> models/consistency/.")
 def flow_fn():
-    from components.config import load_params
-    from flows.runtime import repo_root
-    from prefect import get_run_logger
-    from prefect.states import Failed
-
-    try:
-        params = load_params(repo_root() / "params.yaml")
-    except UserError as e:
-        get_run_logger().error(f"{type(e).__name__}: {e}")
-        return Failed(message=str(e), data=e)
-    return run_stage_in_flow(stage_spec(params.consistency.mode), distill)
+    return run_stage_in_flow(lambda repo, params: stage_spec(params.consistency.mode), distill)
 
 
 if __name__ == "__main__":

@@ -10,21 +10,20 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from pathlib import Path
 
 from prefect import flow
 
-from components.config import Params, load_params
-from components.errors import UserError
+from components.config import Params
 from components.models.store import WEIGHTS_FILE, load_denoiser, save_spec
 from components.preferences.finetune import dpo_pairs, dpo_task, write_dpo_info
 from components.training.recipe import checkpoint_dir, run_job, training_job
-from flows.runtime import repo_root
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
 SPEC = StageSpec(name="dpo", output="models/dpo", inputs=("data/pairs", "models/teacher"), sections=("preferences", "dpo"))
 
 
-def resolve_spec(params: Params) -> StageSpec:
+def resolve_spec(repo: Path, params: Params) -> StageSpec:
     reference = f"models/{params.preferences.model}"
     return dataclasses.replace(SPEC, inputs=("data/pairs", reference))
 
@@ -59,15 +58,7 @@ def train_dpo(ctx: StageContext) -> dict:
 
 @flow(name="dpo", description="Diffusion-DPO fine-tuning against the frozen reference -> models/dpo/.")
 def flow_fn():
-    from prefect import get_run_logger
-    from prefect.states import Failed
-
-    try:
-        spec = resolve_spec(load_params(repo_root() / "params.yaml"))
-    except UserError as e:
-        get_run_logger().error(f"{type(e).__name__}: {e}")
-        return Failed(message=f"{e}", data=e)
-    return run_stage_in_flow(spec, train_dpo)
+    return run_stage_in_flow(resolve_spec, train_dpo)
 
 
 if __name__ == "__main__":

@@ -16,24 +16,23 @@ metrics, the results table) and a Prefect table artifact.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from components.config import EvaluateParams, Params, load_params
+from components.config import Params
 from components.data.shards import read_shard_manifest
-from components.errors import DataError, UserError
+from components.errors import DataError
 from components.evaluation import leaderboard, protocol, validate_metrics_schema
 from components.evaluation.straightness import straightness_grid
 from components.io import read_json, write_json
 from components.tracking.lineage import MANIFEST
 from components.tracking.registry import tag_evaluated_versions
 from components.training.recipe import set_torch_threads
-from flows.runtime import repo_root
-from flows.stage import StageContext, StageSpec, declared_deps, run_stage_in_flow
+from components.tracking.stage import StageContext, StageSpec, declared_deps
+from flows.stage import run_stage_in_flow
 
 BASE_INPUTS = ("data/shards", "models/featurizer")
 SPEC = StageSpec(name="evaluate", output="data/evaluate/report", inputs=BASE_INPUTS + ("models/teacher",),
@@ -55,29 +54,28 @@ def _log() -> logging.Logger | logging.LoggerAdapter:
 # --------------------------------------------------------------------------- which models
 
 
-def resolve_spec(repo: Path, params: Params) -> tuple[StageSpec, list[str]]:
-    """The stage spec with one input per model to evaluate, and the listed models skipped (dir missing, not a dep).
-
-    A model dir declared in dvc.yaml's evaluate deps stays an input even when missing, so the stage contract
-    stops with "run `dvc repro <name>` first".
-    """
+def resolve_spec(repo: Path, params: Params) -> StageSpec:
+    """The stage spec with one input per model to evaluate; a listed model whose dir is missing and not a dep is
+    skipped with a warning (a model dir declared in dvc.yaml's evaluate deps stays an input even when missing, so
+    the stage contract stops with "run `dvc repro <name>` first"). Then cheap checks before the MLflow run opens:
+    model dirs complete, enough held-out samples."""
     declared = set(declared_deps(repo, SPEC.name))
-    model_inputs, skipped = [], []
-    for name in params.evaluate.models:
-        rel = f"models/{name}"
-        (model_inputs if (repo / rel).exists() or rel in declared else skipped).append(name)
-    inputs = BASE_INPUTS + tuple(f"models/{name}" for name in model_inputs)
-    return dataclasses.replace(SPEC, inputs=inputs), skipped
-
-
-def check_inputs_before_running(repo: Path, spec: StageSpec, p: EvaluateParams) -> None:
-    """Cheap checks of the inputs, before the MLflow run opens: model dirs complete, enough held-out samples."""
-    for rel in spec.inputs:
+    inputs = BASE_INPUTS + tuple(f"models/{name}" for name in params.evaluate.models
+                                 if (repo / f"models/{name}").exists() or f"models/{name}" in declared)
+    for rel in inputs:
         if rel not in BASE_INPUTS and (repo / rel).exists():  # missing declared inputs: the stage contract says so
             leaderboard.check_model_dir(repo / rel)
     shard_manifest = repo / "data" / "shards" / MANIFEST
     if shard_manifest.exists():
-        leaderboard.check_sample_sizes(read_json(shard_manifest), p)
+        leaderboard.check_sample_sizes(read_json(shard_manifest), params.evaluate)
+    for name in skipped_models(params, inputs):
+        _log().warning(f"evaluate: models/{name} does not exist and is not a dep of evaluate in dvc.yaml; "
+                       f"skipping model '{name}'")
+    return dataclasses.replace(SPEC, inputs=inputs)
+
+
+def skipped_models(params: Params, inputs: tuple[str, ...]) -> list[str]:
+    return [name for name in params.evaluate.models if f"models/{name}" not in inputs]
 
 
 def model_names(ctx: StageContext) -> list[str]:
@@ -87,16 +85,16 @@ def model_names(ctx: StageContext) -> list[str]:
 # --------------------------------------------------------------------------- the recipe
 
 
-def evaluate_models(ctx: StageContext, skipped: tuple[str, ...] = ()) -> dict:
+def evaluate_models(ctx: StageContext) -> dict:
     log = _log()
     progress = protocol.Progress(log.info)
     try:
-        return evaluate_with_progress(ctx, progress, log.warning, skipped)
+        return evaluate_with_progress(ctx, progress, log.warning)
     finally:
         progress.close()
 
 
-def evaluate_with_progress(ctx: StageContext, progress, warn, skipped: tuple[str, ...]) -> dict:
+def evaluate_with_progress(ctx: StageContext, progress, warn) -> dict:
     p = ctx.params.evaluate
     shards, featurizer = ctx.path("data/shards"), ctx.path("models/featurizer")
     data_manifest = read_shard_manifest(shards)
@@ -123,7 +121,7 @@ def evaluate_with_progress(ctx: StageContext, progress, warn, skipped: tuple[str
     leaderboard.write_report(board, ctx.out_dir, lineage)
     ctx.manifest.update({
         "evaluated_models": names,
-        "skipped_models": list(skipped),
+        "skipped_models": skipped_models(ctx.params, ctx.spec.inputs),
         "n_samples": reference.n,
         "straightness_grid": straightness_grid(p.straightness_steps),
         "model_lineage": lineage,
@@ -143,17 +141,4 @@ def evaluate_with_progress(ctx: StageContext, progress, warn, skipped: tuple[str
 
 @flow(name="evaluate", description="Evaluate every model on the NFE grid: metrics.json, plots, HTML report.")
 def flow_fn():
-    from prefect.states import Failed
-
-    log = get_run_logger()
-    try:
-        params = load_params(repo_root() / "params.yaml")
-        spec, skipped = resolve_spec(repo_root(), params)
-        check_inputs_before_running(repo_root(), spec, params.evaluate)
-    except UserError as e:
-        log.error(f"{type(e).__name__}: {e}")
-        return Failed(message=f"{e}", data=e)
-    for name in skipped:
-        log.warning(f"evaluate: models/{name} does not exist and is not a dep of evaluate in dvc.yaml; "
-                    f"skipping model '{name}'")
-    return run_stage_in_flow(spec, functools.partial(evaluate_models, skipped=tuple(skipped)))
+    return run_stage_in_flow(resolve_spec, evaluate_models)

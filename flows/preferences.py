@@ -14,21 +14,20 @@ from pathlib import Path
 
 from prefect import flow
 
-from components.config import Params, load_params
-from components.errors import DataError, UserError
+from components.config import Params
+from components.errors import DataError
 from components.models.store import load_denoiser
 from components.preferences.bradley_terry import labelled_pairs_scored
 from components.preferences.pairs import SEED_BASE, collect_pairs, pair_metrics, write_pair_shards
 from components.preferences.rewards import make_reward
 from components.training.recipe import set_torch_threads
-from flows.runtime import repo_root
 from flows.stage import StageContext, StageSpec, run_stage_in_flow
 
 SPEC = StageSpec(name="preferences", output="data/pairs", inputs=("models/teacher",), sections=("preferences",))
 REWARD_MODEL_DIR = "reward_model"
 
 
-def resolve_spec(params: Params) -> StageSpec:
+def resolve_spec(repo: Path, params: Params) -> StageSpec:
     """Inputs from params: the generating model, plus the reference classifier for the classifier reward."""
     model = f"models/{params.preferences.model}"
     inputs = (model,) + (("models/featurizer",) if params.preferences.reward.kind == "classifier" else ())
@@ -69,15 +68,7 @@ def make_pairs(ctx: StageContext) -> dict:
 
 @flow(name="preferences", description="Sample, score and pair (or read labelled pairs) -> data/pairs/.")
 def flow_fn():
-    from prefect import get_run_logger
-    from prefect.states import Failed
-
-    try:
-        spec = resolve_spec(load_params(repo_root() / "params.yaml"))
-    except UserError as e:  # one line, no traceback (the stage contract validates again inside)
-        get_run_logger().error(f"{type(e).__name__}: {e}")
-        return Failed(message=f"{e}", data=e)
-    return run_stage_in_flow(spec, make_pairs)
+    return run_stage_in_flow(resolve_spec, make_pairs)
 
 
 if __name__ == "__main__":

@@ -295,7 +295,7 @@ class StageRun:
 
     def abandon(self) -> None:
         """Forget the run in this process without telling the (unreachable) server: no end_run now or at exit.
-        The stage's next run closes it (flows/stage.py `settle_previous_run`)."""
+        The stage's next run closes it (components/tracking/stage.py `settle_previous_run`)."""
         self._abandoned = True
         from mlflow.tracking import fluent
 

@@ -8,12 +8,14 @@ so they are safe inside a long-lived process such as a Prefect flow.
 from __future__ import annotations
 
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
 from components.errors import UserError
-from components.tracking.lineage import (PARENT_RUN_ENV, dvc_lock_digest, ensure_experiment, flatten,
-                                         git_commit)
+from components.tracking.lineage import (PARENT_RUN_ENV, dvc_lock_digest, dvc_stages, ensure_experiment, flatten,
+                                         git_commit, output_producers, output_run_id)
 
 UPSTREAM_PREFIX = "upstream."
 UPSTREAM_SUFFIX = ".run_id"
@@ -77,38 +79,88 @@ class PipelineRun:
 INVOCATION_TAG = "dvc.invocation"
 
 
-def open_invocation_run(experiment: str, tracking_uri: str, repo_root: Path, invocation: str, run_name: str,
-                        params: Optional[dict[str, Any]] = None, extra_tags: Optional[dict[str, Any]] = None) -> str:
-    """The parent run of one `dvc repro` / `dvc exp run` invocation, shared by the stages it runs one after
-    another: found by its `dvc.invocation` tag (set RUNNING again) or created (tags as `PipelineRun`, params
-    `override.*`). Each stage ends it with `close_invocation_run`, so nothing stays RUNNING between stages."""
-    from mlflow import MlflowClient
+def params_overrides(root: Path) -> dict:
+    """The params.yaml keys that differ from the committed file (what `dvc exp run -S` or an edit changed)."""
+    import subprocess
 
-    ensure_experiment(experiment, tracking_uri, repo_root)
-    client = MlflowClient(tracking_uri)
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{INVOCATION_TAG}` = '{invocation}'",
-                               max_results=1)
-    if found:
-        client.update_run(found[0].info.run_id, status="RUNNING")
-        return found[0].info.run_id
-    tags = {"pipeline": "true", INVOCATION_TAG: invocation, "git.commit": git_commit(repo_root) or "unknown",
-            "dvc.lock.digest.start": dvc_lock_digest(repo_root) or "none",
-            **{k: str(v) for k, v in (extra_tags or {}).items()}}
-    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-    for key, value in flatten(params or {}).items():
-        client.log_param(run_id, key, "null" if value is None else str(value)[:6000])
-    return run_id
+    import yaml
+
+    committed = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=root, capture_output=True, text=True)
+    if committed.returncode != 0 or not (root / "params.yaml").exists():
+        return {}
+    before = flatten(yaml.safe_load(committed.stdout) or {})
+    after = flatten(yaml.safe_load((root / "params.yaml").read_text()) or {})
+    return {key: after.get(key) for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)}
 
 
-def close_invocation_run(tracking_uri: str, run_id: str, repo_root: Path, stage: str, failed: bool) -> None:
-    """Record the stage's outcome on the invocation run and end it (FAILED if the stage failed)."""
-    from mlflow import MlflowClient
+class InvocationRun:
+    """The MLflow parent run shared by the stages of one `dvc repro` / `dvc exp run` (so `make demo`, a manual
+    `dvc repro` and each queued experiment are one parent run with the stage runs as children). Not used when
+    the pipeline flow already opened a parent run (PIPELINE_PARENT_RUN_ID) or DVC did not start the stage
+    (`invocation` None; else `<pid>-<start time>` of the `dvc` process, shared by the stages it runs).
 
-    client = MlflowClient(tracking_uri)
-    client.set_tag(run_id, f"stage.{stage}.outcome", "Failed" if failed else "Ran")
-    client.set_tag(run_id, "dvc.lock.digest", dvc_lock_digest(repo_root) or "none")
-    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+    The run is found by its `dvc.invocation` tag (set RUNNING again) or created (tags as `PipelineRun`), named
+    after the DVC experiment (DVC_EXP_NAME) or `dvc-repro-<time>`; its params `override.*` are the params.yaml
+    keys that differ from HEAD. Each stage ends it (FAILED if it failed), so nothing stays RUNNING between stages.
+    """
+
+    def __init__(self, root: Path, experiment: str, tracking_uri: str, invocation: Optional[str]):
+        self.root, self.experiment, self.tracking_uri = root, experiment, tracking_uri
+        self.invocation = None if os.environ.get(PARENT_RUN_ENV) else invocation
+        self.run_id: Optional[str] = None
+        self.run_name: Optional[str] = None
+
+    def __enter__(self) -> "InvocationRun":
+        if self.invocation is None:
+            return self
+        import time
+
+        from mlflow import MlflowClient
+
+        from components.tracking.registry import check_tracking_server
+
+        check_tracking_server(self.tracking_uri)  # one line, not minutes of HTTP retries
+        started = time.localtime(int(self.invocation.rsplit("-", 1)[1]))
+        exp_name = os.environ.get("DVC_EXP_NAME")
+        self.run_name = exp_name or f"dvc-repro-{time.strftime('%Y%m%d-%H%M%S', started)}"
+        ensure_experiment(self.experiment, self.tracking_uri, self.root)
+        client = MlflowClient(self.tracking_uri)
+        experiment_id = client.get_experiment_by_name(self.experiment).experiment_id
+        found = client.search_runs([experiment_id], filter_string=f"tags.`{INVOCATION_TAG}` = '{self.invocation}'",
+                                   max_results=1)
+        if found:
+            self.run_id = found[0].info.run_id
+            client.update_run(self.run_id, status="RUNNING")
+        else:
+            tags = {"pipeline": "true", INVOCATION_TAG: self.invocation,
+                    "git.commit": git_commit(self.root) or "unknown",
+                    "dvc.lock.digest.start": dvc_lock_digest(self.root) or "none",
+                    **({"dvc.exp.name": exp_name} if exp_name else {})}
+            self.run_id = client.create_run(experiment_id, run_name=self.run_name, tags=tags).info.run_id
+            overrides = params_overrides(self.root)
+            for key, value in flatten({"override": overrides} if overrides else {}).items():
+                client.log_param(self.run_id, key, "null" if value is None else str(value)[:6000])
+        os.environ[PARENT_RUN_ENV] = self.run_id
+        return self
+
+    def close(self, stage: str, failed: bool) -> None:
+        """Record the stage's outcome on the run and end it (FAILED if the stage failed)."""
+        if not self.run_id:
+            return
+        from mlflow import MlflowClient
+
+        try:
+            client = MlflowClient(self.tracking_uri)
+            client.set_tag(self.run_id, f"stage.{stage}.outcome", "Failed" if failed else "Ran")
+            client.set_tag(self.run_id, "dvc.lock.digest", dvc_lock_digest(self.root) or "none")
+            client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+        except Exception as e:  # noqa: BLE001 - the stage's own outcome stands; the next stage reopens the run
+            print(f"warning: could not update the MLflow parent run {self.run_id} ({type(e).__name__}: "
+                  f"{str(e)[:200]})", file=sys.stderr)
+        self.run_id = None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(os.environ.get("DVC_STAGE", "?"), failed=exc_type is not None)
 
 
 def upstream_run_ids(tags: dict[str, str]) -> dict[str, str]:
@@ -196,3 +248,48 @@ def child_runs(parent_run_id: str, experiment: str, tracking_uri: str) -> list[d
                               order_by=["attributes.start_time ASC"])
     return [describe_run(client, r.info.run_id) for r in runs]
 
+
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def resolve_ref(root: Path, ref: str, experiment: str, tracking_uri: str) -> str:
+    """A run id for `ref`: itself if it looks like one, else the run that produced the stage's *current* output
+    (its run record when it describes the output's current content, else the MLflow run tagged with that content
+    digest, so a stage DVC skipped or restored still points at the run that really made its data); if the output
+    is missing, the newest finished run tagged with that stage."""
+    if RUN_ID.match(ref):
+        return ref
+    stages = dvc_stages(root)
+    if ref not in stages:
+        raise RunNotFound(f"'{ref}' is neither an MLflow run id nor a stage of dvc.yaml "
+                          f"({', '.join(stages) or 'no stages'})")
+    for out in (path for path, stage in output_producers(root).items() if stage == ref):
+        if (root / out).exists():
+            run_id = output_run_id(root, ref, out, experiment, tracking_uri)
+            if run_id:
+                return run_id
+    run_id = latest_stage_run_id(experiment, ref, tracking_uri)
+    if not run_id:
+        raise RunNotFound(f"stage '{ref}' has no output manifest and no finished MLflow run in '{experiment}'")
+    return run_id
+
+
+def format_chain(chain: list[dict[str, Any]]) -> str:
+    """`python -m flows lineage`: each run with its stage, status, git commit, parent run, inputs (dataset name +
+    digest, the DVC hash from dvc.lock) and upstream runs."""
+    lines = []
+    for record in chain:
+        if record.get("missing"):
+            lines.append(f"- run {record['run_id']}: MISSING (referenced upstream, not in this tracking store)")
+            continue
+        lines.append(f"- {record['stage'] or '?'}  run {record['run_id']}  [{record['status']}]")
+        lines.append(f"    git commit  {record['git_commit']}")
+        lines.append(f"    parent run  {record['parent_run_id'] or '-'}")
+        for ds in record["inputs"]:
+            lines.append(f"    input       {ds['name']}  digest {ds['digest']}  (from {ds['context']})")
+        for stage, run_id in record["upstream"].items():
+            lines.append(f"    upstream    {stage} -> run {run_id}")
+        if not record["upstream"] and not record["inputs"]:
+            data = {k: v for k, v in record["params"].items() if k.startswith("data.")}
+            lines.append(f"    source data {', '.join(f'{k}={v}' for k, v in sorted(data.items())) or '-'}")
+    return "\n".join(lines)

@@ -12,7 +12,7 @@ from components.evaluation.metrics import sliced_wasserstein2
 from components.io import file_records
 from components.models.store import WEIGHTS_FILE, load_denoiser
 from components.training.reflow_training import chunk_noise, read_couplings
-from flows.stage import FILES_KEY
+from components.tracking.stage import FILES_KEY
 from tests.conftest import run_flows, set_params, run_record
 
 COUPLINGS = {"count": 2000, "batch_size": 500, "nfe": 32, "samples_per_shard": 800}

@@ -4,7 +4,7 @@ import importlib
 import yaml
 
 from flows import STAGES, TOOLS
-from flows.stage import StageSpec
+from components.tracking.stage import StageSpec
 from tests.conftest import REPO
 
 

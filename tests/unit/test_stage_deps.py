@@ -137,7 +137,7 @@ def test_stage_params_sections_are_declared():
     """Each stage records the params sections it reads; DVC must track the same sections."""
     import importlib
 
-    from flows.stage import StageSpec
+    from components.tracking.stage import StageSpec
 
     for name, stage in read_dvc_yaml()["stages"].items():
         spec = getattr(importlib.import_module(STAGES[name]), "SPEC", None)
@@ -149,7 +149,7 @@ def test_stage_params_sections_are_declared():
 def test_stage_inputs_and_their_producers_come_from_dvc_yaml():
     import importlib
 
-    from flows.stage import output_producers, stage_inputs
+    from components.tracking.stage import output_producers, stage_inputs
 
     producers = output_producers(REPO)
     assert producers["data/shards"] == "shard" and producers["models/teacher"] == "teacher"
@@ -178,7 +178,7 @@ def test_git_ignores_cached_outputs_and_tracks_metrics():
 def test_a_run_id_in_an_output_manifest_is_refused():
     import pytest
 
-    from flows.stage import check_no_run_ids
+    from components.tracking.stage import check_no_run_ids
 
     check_no_run_ids("reflow", {"rounds": [{"round": 1, "loss": 0.1}]}, ["a" * 32])
     with pytest.raises(RuntimeError, match="ctx.record"):
