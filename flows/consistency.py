@@ -5,7 +5,6 @@ models/consistency/ (model.pt + model.json with a "consistency" section and samp
 checkpoints/consistency/<fingerprint>/ (resumable)."""
 from __future__ import annotations
 
-import sys
 import time
 
 from prefect import flow
@@ -39,9 +38,8 @@ def distill(ctx: StageContext) -> dict:
     else:
         teacher, base, origin = None, teacher_spec(manifest, ctx.params.model, ctx.params.teacher), "scratch"
     spec, objective = consistency_spec(base, p), consistency_objective_settings(p)
-    root = checkpoint_dir(ctx.path("checkpoints/consistency"), p.train_config(), spec, origin, manifest["digest"],
-                          objective)
-    ctx.run.set_tags({"checkpoint_dir": root.relative_to(ctx.repo)})
+    root = ctx.use_checkpoint_dir(checkpoint_dir(ctx.path("checkpoints/consistency"), p.train_config(), spec, origin,
+                                                 manifest["digest"], objective))
     args = {"spec": spec, "teacher": str(teacher.directory) if teacher else None, "objective": objective,
             "origin": origin, "shards": str(shards)}
     started = time.time()
@@ -49,7 +47,7 @@ def distill(ctx: StageContext) -> dict:
                                    ctx.run.run_id, ctx.run.tracking_uri, ctx.params.distributed), log_fn=ctx.log_metrics)
     save_spec(ctx.out_dir, spec)
     load_denoiser(ctx.out_dir)  # the exported student rebuilds from its own model.json
-    ctx.manifest.update({"model": spec, "objective": objective, "checkpoint_dir": str(root.relative_to(ctx.repo))})
+    ctx.manifest.update({"model": spec, "objective": objective})
     return {"steps": outcome.steps, "final_loss": outcome.final_loss, "train_seconds": round(time.time() - started, 2),
             "resumed_from_step": outcome.resumed_from, "mode": p.mode}
 
@@ -57,7 +55,3 @@ def distill(ctx: StageContext) -> dict:
 @flow(name="consistency", description="Consistency distillation (or training) -> models/consistency/.")
 def flow_fn():
     return run_stage_in_flow(lambda repo, params: stage_spec(params.consistency.mode), distill)
-
-
-if __name__ == "__main__":
-    sys.exit(0 if flow_fn(return_state=True).is_completed() else 1)

@@ -7,7 +7,6 @@ output), so an interrupted run regenerates only what is missing. The integration
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 import warnings
 
@@ -70,7 +69,3 @@ def make_couplings(ctx: StageContext) -> dict:
 @flow(name="couplings", description="Teacher ODE couplings (z, x) for reflow -> data/couplings/shards/ (WebDataset).")
 def flow_fn():
     return run_stage_in_flow(SPEC, make_couplings)
-
-
-if __name__ == "__main__":
-    sys.exit(0 if flow_fn(return_state=True).is_completed() else 1)

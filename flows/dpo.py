@@ -8,7 +8,6 @@ to it), which is what evaluate needs for the win rate. Checkpoints: checkpoints/
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
@@ -34,9 +33,9 @@ def train_dpo(ctx: StageContext) -> dict:
     reference = load_denoiser(ctx.path(reference_rel))
     train_pairs, heldout, pair_manifest = dpo_pairs(reference, reference_rel, ctx.path("data/pairs"),
                                                     p.holdout_fraction, p.seed)
-    root = checkpoint_dir(ctx.path("checkpoints/dpo"), p.train_config(), reference.spec, pair_manifest["digest"],
-                          p.beta, p.holdout_fraction)
-    ctx.run.set_tags({"checkpoint_dir": root.relative_to(ctx.repo), "beta": p.beta})
+    root = ctx.use_checkpoint_dir(checkpoint_dir(ctx.path("checkpoints/dpo"), p.train_config(), reference.spec,
+                                                 pair_manifest["digest"], p.beta, p.holdout_fraction))
+    ctx.run.set_tags({"beta": p.beta})
     args = {"reference": str(reference.directory), "pairs": str(ctx.path("data/pairs")), "beta": p.beta,
             "holdout_fraction": p.holdout_fraction, "split_seed": p.seed}
     started = time.time()
@@ -48,7 +47,7 @@ def train_dpo(ctx: StageContext) -> dict:
 
     accuracy = write_dpo_info(ctx.out_dir, reference, reference_rel, ctx.path("data/pairs"), pair_manifest,
                               len(train_pairs), heldout, p.beta, p.seed)
-    ctx.manifest.update({"model": spec, "beta": p.beta, "checkpoint_dir": str(root.relative_to(ctx.repo))})
+    ctx.manifest.update({"model": spec, "beta": p.beta})
     last = outcome.history[-1] if outcome.history else {}
     return {"steps": outcome.steps, "final_loss": outcome.final_loss, "beta": p.beta,
             "implicit_accuracy_train": last.get("implicit_accuracy", float("nan")),
@@ -59,7 +58,3 @@ def train_dpo(ctx: StageContext) -> dict:
 @flow(name="dpo", description="Diffusion-DPO fine-tuning against the frozen reference -> models/dpo/.")
 def flow_fn():
     return run_stage_in_flow(resolve_spec, train_dpo)
-
-
-if __name__ == "__main__":
-    sys.exit(0 if flow_fn(return_state=True).is_completed() else 1)

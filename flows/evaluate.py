@@ -30,8 +30,8 @@ from components.evaluation.straightness import straightness_grid
 from components.io import read_json, write_json
 from components.tracking.lineage import MANIFEST
 from components.tracking.registry import tag_evaluated_versions
-from components.training.recipe import set_torch_threads
 from components.tracking.stage import StageContext, StageSpec, declared_deps
+from components.training.recipe import set_torch_threads
 from flows.stage import run_stage_in_flow
 
 BASE_INPUTS = ("data/shards", "models/featurizer")

@@ -10,7 +10,6 @@ marker and finishes in about a second; the DAG is the same for every data kind.
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict
 
@@ -40,8 +39,8 @@ def train_featurizer(ctx: StageContext) -> dict:
     config = classifier_config(manifest)
     classifier = asdict(config)
     p = ctx.params.featurizer
-    root = checkpoint_dir(ctx.path("checkpoints/featurizer"), p.train_config(), classifier, manifest["digest"])
-    ctx.run.set_tags({"checkpoint_dir": root.relative_to(ctx.repo)})
+    root = ctx.use_checkpoint_dir(checkpoint_dir(ctx.path("checkpoints/featurizer"), p.train_config(), classifier,
+                                                 manifest["digest"]))
     started = time.time()
     job = training_job(reference_classifier_task, {"classifier": classifier, "shards": str(shards)}, p,
                        p.train_config(), root, ctx.out_dir / WEIGHTS_FILENAME, ctx.run.run_id, ctx.run.tracking_uri,
@@ -52,8 +51,7 @@ def train_featurizer(ctx: StageContext) -> dict:
     model = load_classifier(ctx.out_dir)
     train_x, train_y = read_split(shards, "train")
     val_x, val_y = read_split(shards, "val")
-    ctx.manifest.update({"applicable": True, "num_classes": classifier["num_classes"], "train_count": len(train_x),
-                         "checkpoint_dir": str(root.relative_to(ctx.repo))})
+    ctx.manifest.update({"applicable": True, "num_classes": classifier["num_classes"], "train_count": len(train_x)})
     return {"applicable": 1, "val_accuracy": class_accuracy(predict_labels(model, torch.from_numpy(val_x)), val_y),
             "train_accuracy": class_accuracy(predict_labels(model, torch.from_numpy(train_x)), train_y),
             "steps": outcome.steps, "final_loss": outcome.final_loss, "train_seconds": round(train_seconds, 2),
@@ -63,7 +61,3 @@ def train_featurizer(ctx: StageContext) -> dict:
 @flow(name="featurizer", description="Train the reference classifier for image evaluation (models/featurizer/).")
 def flow_fn():
     return run_stage_in_flow(SPEC, train_featurizer)
-
-
-if __name__ == "__main__":  # allows `python -m flows featurizer` as well
-    sys.exit(0 if flow_fn(return_state=True).is_completed() else 1)

@@ -37,7 +37,7 @@ from prefect.states import Completed, Failed
 from components.config import load_params, parse_override, write_overrides
 from components.errors import UserError
 from components.io import HolderLock, describe_holder
-from components.tracking.lineage import output_run_id, resolve_tracking_uri
+from components.tracking.lineage import resolve_tracking_uri
 from components.tracking.registry import check_tracking_server
 from flows.runtime import repo_root
 
@@ -56,9 +56,9 @@ class StageFailed(UserError):
 
 # ---------------------------------------------------------------- the DAG, read from DVC
 
-def dvc_graph(root: Path) -> tuple[list[str], dict[str, set[str]], dict[str, list[str]]]:
-    """All stages of dvc.yaml in a dependency order (ties broken by name), each stage's direct upstream
-    stages, and each stage's output paths, all from DVC's own stage graph (read once per dvc.yaml version)."""
+def dvc_graph(root: Path) -> tuple[list[str], dict[str, set[str]]]:
+    """All stages of dvc.yaml in a dependency order (ties broken by name) and each stage's direct upstream
+    stages, from DVC's own stage graph (read once per dvc.yaml version)."""
     from dvc.exceptions import DvcException
 
     dvc_yaml = Path(root) / "dvc.yaml"
@@ -78,10 +78,9 @@ def _read_dvc_graph(root: str, dvc_yaml_mtime_ns: int):  # the mtime is only par
         graph = repo.index.graph  # edges point from a stage to the stages it depends on
         names = {stage: stage.addressing for stage in graph.nodes}
         upstream = {names[s]: {names[d] for d in graph.successors(s)} for s in graph.nodes}
-        outs = {names[s]: [str(out.def_path) for out in s.outs] for s in graph.nodes}
         order = [names[s] for s in nx.lexicographical_topological_sort(graph.reverse(copy=True),
                                                                        key=lambda s: names[s])]
-    return order, upstream, outs
+    return order, upstream
 
 
 def plan_stages(root: Path, targets: Optional[list[str]] = None) -> list[str]:
@@ -89,7 +88,7 @@ def plan_stages(root: Path, targets: Optional[list[str]] = None) -> list[str]:
 
     Raises UnknownStage naming the first target that is not in dvc.yaml.
     """
-    order, upstream, _ = dvc_graph(root)
+    order, upstream = dvc_graph(root)
     targets = list(targets or [ALL])
     if not targets or ALL in targets:
         return order
@@ -104,10 +103,6 @@ def plan_stages(root: Path, targets: Optional[list[str]] = None) -> list[str]:
             wanted.add(stage)
             pending.extend(upstream[stage])
     return [s for s in order if s in wanted]
-
-
-def stage_outputs(root: Path) -> dict[str, list[str]]:
-    return dvc_graph(root)[2]
 
 
 # ---------------------------------------------------------------- overrides
@@ -152,14 +147,6 @@ def classify(stage: str, lines: list[str]) -> str:
     if f"Stage '{stage}' is cached" in text:
         return CACHED
     return SKIPPED
-
-
-def stage_run_id(root: Path, stage: str, outputs: list[str], experiment: str, tracking_uri: str) -> Optional[str]:
-    """The MLflow run that produced the stage's current output (its run record or `output.digest` tag), if any."""
-    for out in outputs:
-        if (root / out).is_dir():
-            return output_run_id(root, stage, out, experiment, tracking_uri)
-    return None
 
 
 def dvc_reports_up_to_date(root: Path, stage: str) -> bool:
@@ -222,11 +209,10 @@ def check_request(root: Path, targets: Optional[list[str]], overrides: Optional[
 def execute(root: Path, targets: Optional[list[str]], force: bool, overrides: Optional[list[str]],
             run_name: Optional[str], log) -> dict:
     """The pipeline body (outside Prefect's wrapper so the CLI and the benchmark can report errors cleanly)."""
-    from components.tracking.runs import PipelineRun
+    from components.tracking.runs import PipelineRun, current_output_run_id
 
     plan, parsed, params, tracking_uri = check_request(root, targets, overrides)
     run_name = run_name or f"pipeline-{flow_run_context.name or time.strftime('%Y%m%d-%H%M%S')}"
-    outputs = stage_outputs(root)
     log(f"plan: {' -> '.join(plan) or '(no stages)'}" + (f"; overrides {parsed}" if parsed else ""))
     with pipeline_lock(root, log):
         if parsed:
@@ -244,8 +230,8 @@ def execute(root: Path, targets: Optional[list[str]], force: bool, overrides: Op
                     cause = state.result(raise_on_failure=False)
                     raise cause if isinstance(cause, UserError) else StageFailed(
                         f"stage '{stage}' failed: {state.message}")
-                record = {**state.result(), "mlflow_run_id": stage_run_id(root, stage, outputs.get(stage, []),
-                                                                           params.tracking.experiment, tracking_uri)}
+                record = {**state.result(), "mlflow_run_id": current_output_run_id(
+                    root, stage, params.tracking.experiment, tracking_uri)}
                 summary["stages"].append(record)
                 parent.set_tags({f"stage.{stage}.outcome": record["outcome"],
                                  f"stage.{stage}.run_id": record["mlflow_run_id"] or "none"})

@@ -9,7 +9,6 @@ reward, the seeds scheme, and the generating model's MLflow run id.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 from prefect import flow
@@ -69,7 +68,3 @@ def make_pairs(ctx: StageContext) -> dict:
 @flow(name="preferences", description="Sample, score and pair (or read labelled pairs) -> data/pairs/.")
 def flow_fn():
     return run_stage_in_flow(resolve_spec, make_pairs)
-
-
-if __name__ == "__main__":
-    sys.exit(0 if flow_fn(return_state=True).is_completed() else 1)

@@ -6,7 +6,6 @@ the 1-step student with spec["students"] = {"<n>": "steps_<n>"}.
 """
 from __future__ import annotations
 
-import sys
 
 from prefect import flow
 
@@ -25,14 +24,12 @@ def distill(ctx: StageContext) -> dict:
     shards = ctx.path("data/shards")
     teacher = load_plain_teacher(ctx.path("models/teacher"), "progressive")
     set_torch_threads(teacher.spec, p.torch_threads)
-    root = checkpoint_dir(ctx.path("checkpoints/progressive"), p.train_config(), teacher.spec,
-                          file_md5(teacher.directory / WEIGHTS_FILE), read_shard_manifest(shards)["digest"],
-                          p.teacher_steps, p.weighting)
-    ctx.run.set_tags({"checkpoint_dir": root.relative_to(ctx.repo)})
+    root = ctx.use_checkpoint_dir(checkpoint_dir(
+        ctx.path("checkpoints/progressive"), p.train_config(), teacher.spec, file_md5(teacher.directory / WEIGHTS_FILE),
+        read_shard_manifest(shards)["digest"], p.teacher_steps, p.weighting))
     students, rounds = progressive_distillation(teacher, shards, p, root, ctx.out_dir, ctx.run.child_run,
                                                 ctx.run.tracking_uri, ctx.params.distributed)
-    ctx.manifest.update({"students": students, "teacher_steps": p.teacher_steps,
-                         "checkpoint_dir": str(root.relative_to(ctx.repo))})
+    ctx.manifest.update({"students": students, "teacher_steps": p.teacher_steps})
     ctx.record["round_run_ids"] = {k: r["mlflow_run_id"] for k, r in rounds.items()}
     return {"rounds": {k: {m: v for m, v in r.items() if m != "mlflow_run_id"} for k, r in rounds.items()}}
 
@@ -40,7 +37,3 @@ def distill(ctx: StageContext) -> dict:
 @flow(name="progressive", description="Progressive distillation of the teacher down to 1 step -> models/progressive/.")
 def flow_fn():
     return run_stage_in_flow(SPEC, distill)
-
-
-if __name__ == "__main__":
-    sys.exit(0 if flow_fn(return_state=True).is_completed() else 1)

@@ -10,7 +10,6 @@ loss, straightness, coupling diagnostics; never a claim of optimal transport (a 
 """
 from __future__ import annotations
 
-import sys
 import time
 
 from prefect import flow
@@ -32,16 +31,16 @@ def rectify(ctx: StageContext) -> dict:
     check_couplings_teacher(couplings, teacher_identity(teacher_dir), COUPLINGS)
     teacher = load_denoiser(teacher_dir)
     spec = student_spec(teacher.spec, steps=p.sampler_steps)  # DataError for a non-velocity teacher
-    root = checkpoint_dir(ctx.path("checkpoints/reflow"), p.train_config(), spec, couplings["teacher"],
-                          couplings.get("relative_error_vs_4x_nfe"), couplings["count"])
-    ctx.run.set_tags({"checkpoint_dir": root.relative_to(ctx.repo)})
+    root = ctx.use_checkpoint_dir(checkpoint_dir(ctx.path("checkpoints/reflow"), p.train_config(), spec,
+                                                 couplings["teacher"], couplings.get("relative_error_vs_4x_nfe"),
+                                                 couplings["count"]))
     started = time.time()
     weights, spec, record = train_reflow(teacher, spec, ctx.path(COUPLINGS), couplings, p, root, ctx.out_dir,
                                          ctx.run.child_run, ctx.run.tracking_uri, ctx.params.distributed)
     save_denoiser(ctx.out_dir, load_weights(weights), spec)
     ctx.record["rounds"] = [{"round": r["round"], "mlflow_run_id": r["mlflow_run_id"]} for r in record["rounds"]]
     rounds = [{k: v for k, v in r.items() if k != "mlflow_run_id"} for r in record["rounds"]]
-    ctx.manifest.update({"model": spec, "rounds": rounds, "checkpoint_dir": str(root.relative_to(ctx.repo)),
+    ctx.manifest.update({"model": spec, "rounds": rounds,
                          "couplings": {k: couplings[k] for k in ("count", "nfe", "teacher")},
                          "optimal_transport": "not claimed: a zero reflow loss does not imply optimal transport"})
     if record["distill"]:
@@ -54,7 +53,3 @@ def rectify(ctx: StageContext) -> dict:
 @flow(name="reflow", description="Rectified flow (k rounds), distilled into reflow.distill_nfe Euler steps.")
 def flow_fn():
     return run_stage_in_flow(SPEC, rectify)
-
-
-if __name__ == "__main__":
-    sys.exit(0 if flow_fn(return_state=True).is_completed() else 1)

@@ -4,7 +4,6 @@ plot, manifest). Checkpoints live in checkpoints/teacher/<fingerprint>/ outside 
 interrupted run resumes where it stopped."""
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
@@ -26,8 +25,8 @@ def train_teacher(ctx: StageContext) -> dict:
     p = ctx.params.teacher
     spec = teacher_spec(manifest, ctx.params.model, p)
     objective = objective_config(spec, p)
-    root = checkpoint_dir(ctx.path("checkpoints/teacher"), p.train_config(), spec, objective, manifest["digest"])
-    ctx.run.set_tags({"checkpoint_dir": root.relative_to(ctx.repo)})
+    root = ctx.use_checkpoint_dir(checkpoint_dir(ctx.path("checkpoints/teacher"), p.train_config(), spec, objective,
+                                                 manifest["digest"]))
     started = time.time()
     job = training_job(denoiser_task, {"spec": spec, "objective": objective, "shards": str(shards)}, p,
                        p.train_config(), root, ctx.out_dir / WEIGHTS_FILE, ctx.run.run_id, ctx.run.tracking_uri,
@@ -38,7 +37,7 @@ def train_teacher(ctx: StageContext) -> dict:
     real = None if manifest["kind"] == "image" else torch.from_numpy(read_split(shards, "val", limit=p.plot_samples)[0])
     ctx.run.log_artifact(model_samples_plot(load_denoiser(ctx.out_dir), ctx.out_dir / "samples.png", p.plot_samples,
                                             p.seed, real, name="teacher"))
-    ctx.manifest.update({"model": spec, "objective": objective, "checkpoint_dir": str(root.relative_to(ctx.repo))})
+    ctx.manifest.update({"model": spec, "objective": objective})
     return {"steps": outcome.steps, "final_loss": outcome.final_loss, "train_seconds": round(train_seconds, 2),
             "steps_per_sec": round((outcome.steps - outcome.resumed_from) / max(train_seconds, 1e-9), 2),
             "processes": ctx.params.distributed.world_size, "resumed_from_step": outcome.resumed_from}
@@ -47,7 +46,3 @@ def train_teacher(ctx: StageContext) -> dict:
 @flow(name="teacher", description="Train the teacher diffusion model (DeepSpeed) on data/shards -> models/teacher/.")
 def flow_fn():
     return run_stage_in_flow(SPEC, train_teacher)
-
-
-if __name__ == "__main__":  # allows `python -m flows teacher` as well
-    sys.exit(0 if flow_fn(return_state=True).is_completed() else 1)

@@ -263,15 +263,21 @@ def resolve_ref(root: Path, ref: str, experiment: str, tracking_uri: str) -> str
     if ref not in stages:
         raise RunNotFound(f"'{ref}' is neither an MLflow run id nor a stage of dvc.yaml "
                           f"({', '.join(stages) or 'no stages'})")
-    for out in (path for path, stage in output_producers(root).items() if stage == ref):
-        if (root / out).exists():
-            run_id = output_run_id(root, ref, out, experiment, tracking_uri)
-            if run_id:
-                return run_id
-    run_id = latest_stage_run_id(experiment, ref, tracking_uri)
+    run_id = (current_output_run_id(root, ref, experiment, tracking_uri)
+              or latest_stage_run_id(experiment, ref, tracking_uri))
     if not run_id:
         raise RunNotFound(f"stage '{ref}' has no output manifest and no finished MLflow run in '{experiment}'")
     return run_id
+
+
+def current_output_run_id(root: Path, stage: str, experiment: str, tracking_uri: str) -> Optional[str]:
+    """The run that produced the current content of the stage's output (its run record or `output.digest` tag)."""
+    for out in (path for path, producer in output_producers(root).items() if producer == stage):
+        if (root / out).is_dir():
+            run_id = output_run_id(root, stage, out, experiment, tracking_uri)
+            if run_id:
+                return run_id
+    return None
 
 
 def format_chain(chain: list[dict[str, Any]]) -> str:

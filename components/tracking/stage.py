@@ -74,6 +74,12 @@ class StageContext:
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
         self.run.log_metrics(metrics, step=step)
 
+    def use_checkpoint_dir(self, root: Path) -> Path:
+        """Record the stage's checkpoint dir (run tag and manifest; `clean-checkpoints` keeps it); returns it."""
+        self.run.set_tags({"checkpoint_dir": root.relative_to(self.repo)})
+        self.manifest["checkpoint_dir"] = str(root.relative_to(self.repo))
+        return root
+
 
 def declared_deps(repo: Path, stage: str) -> list[str]:
     """The deps of `stage` in dvc.yaml (paths, in order); empty when the stage is not declared."""
