@@ -9,7 +9,7 @@ from typing import Callable, Optional, Union
 
 from components.config import Params, load_params
 from components.errors import DataError, UserError
-from components.tracking.stage import StageContext, StageSpec, run_stage, warn
+from components.tracking.stage import StageContext, StageSpec, run_stage, warn  # the stage flows import these here
 from flows.runtime import api_healthy, repo_root
 
 COMPLETED: set[str] = set()  # stages whose run_stage returned in this process (the CLI ignores a later Prefect outage)
