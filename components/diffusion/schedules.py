@@ -43,12 +43,15 @@ class Schedule:
         t_min: smallest time used by noise-level grids (the last non-zero grid time).
         t_max: the noise end; sampling starts at x = sigma(t_max) * noise.
         t_end: time at which a sampling grid ends (0 for every built-in schedule).
+        affine: alpha and sigma are affine in t (EDM, flow). Then a deterministic DDIM step is exactly an Euler
+            step: alpha(t') x0 + sigma(t') eps = x + (t' - t)(alpha' x0 + sigma' eps) when alpha', sigma' are constant.
     """
 
     name: str = "base"
     t_min: float
     t_max: float
     t_end: float = 0.0
+    affine: bool = False
 
     def alpha(self, t: TimeLike) -> Tensor:
         raise NotImplementedError
@@ -81,6 +84,7 @@ class EDMSchedule(Schedule):
     """EDM / variance-exploding: alpha = 1, sigma = t, t in [t_min, t_max] (Karras et al. 2022)."""
 
     name = "edm"
+    affine = True
 
     def __init__(self, t_min: float = 0.002, t_max: float = 80.0) -> None:
         if not 0.0 < t_min < t_max:
@@ -203,6 +207,7 @@ class FlowSchedule(Schedule):
     """Linear (flow matching / rectified flow) path: alpha = 1 - t, sigma = t, t in [0, 1]."""
 
     name = "flow"
+    affine = True
 
     def __init__(self, t_min: float = 1e-3, t_max: float = 1.0) -> None:
         if not 0.0 < t_min < t_max <= 1.0:

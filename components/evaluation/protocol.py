@@ -170,11 +170,14 @@ def default_candidate(model) -> Candidate:
 
 def candidates_for(model, methods: list[str], grids: list[str]) -> list[Candidate]:
     """The sampler x grid candidates of a model: consistency models only sample with "consistency"; progressive's
-    students only with the sampler they were distilled for (their default)."""
+    students only with the sampler they were distilled for (their default). On an affine schedule (EDM, flow)
+    DDIM is Euler, so it is not swept beside Euler (it would only cost time and win or lose by rounding)."""
     if model.spec.get("students"):
         return [default_candidate(model)]
     if isinstance(model.denoiser, ConsistencyFunction):
         return [Candidate("consistency", g) for g in grids]
+    if model.schedule.affine and "euler" in methods:
+        methods = [m for m in methods if m != "ddim"]
     return [Candidate(m, g) for m in methods for g in grids]
 
 

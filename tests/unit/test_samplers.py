@@ -69,15 +69,20 @@ def test_ddim_is_exact_for_point_mass_data(name):
             torch.testing.assert_close(x_t, schedule.alpha(t) * point + schedule.sigma(t) * eps, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["edm", "flow"])
-def test_euler_equals_ddim_when_alpha_is_affine_in_sigma(name):
-    """For EDM and the flow path the PF-ODE Euler step is the DDIM step (monograph Obs. 9.2.1)."""
+@pytest.mark.parametrize("name", ["edm", "flow", "vp_cosine", "vp_linear"])
+def test_euler_equals_ddim_exactly_when_the_schedule_is_affine(name):
+    """For EDM and the flow path (alpha, sigma affine in t) the PF-ODE Euler step is the DDIM step, which is what
+    `Schedule.affine` promises (the evaluate sweep skips DDIM there); on VP schedules they differ."""
     schedule = make_schedule(name)
     denoiser = GaussianData(torch.tensor([0.5, 1.0]), 0.4).denoiser(schedule)
     grid = make_grid("edm", schedule, 6)
     euler = sample(denoiser, schedule, grid, standard_noise(8, 2), method="euler").x
     ddim = sample(denoiser, schedule, grid, standard_noise(8, 2), method="ddim").x
-    torch.testing.assert_close(euler, ddim, rtol=1e-10, atol=1e-10)
+    assert schedule.affine == (name in ("edm", "flow"))
+    if schedule.affine:
+        torch.testing.assert_close(euler, ddim, rtol=1e-10, atol=1e-10)
+    else:
+        assert (euler - ddim).abs().max() > 1e-3
 
 
 # ---------------------------------------------------------------- convergence order
@@ -295,3 +300,17 @@ def test_sampler_sweep_picks_the_better_sampler_on_a_field_with_a_known_answer()
     assert set(sweep) == {"euler/uniform", "euler/logsnr", "heun/uniform", "heun/logsnr"}
     assert result.entry["best"]["16"]["sampler"] == "heun/uniform" == min(sweep, key=sweep.get)
     assert result.entry["nfe"]["16"]["sampler"] == "euler/uniform"  # the configured default is reported beside it
+
+
+@pytest.mark.parametrize("schedule, swept", [("edm", ["euler", "heun"]), ("flow", ["euler", "heun"]),
+                                              ("vp_cosine", ["euler", "heun", "ddim"])])
+def test_the_evaluate_sweep_skips_ddim_only_where_it_is_euler(schedule, swept):
+    from components.evaluation.protocol import candidates_for
+    from components.models.store import LoadedModel, build_denoiser
+
+    spec = {"network": {"kind": "mlp", "kwargs": {"data_dim": 2, "width": 8, "depth": 1, "embed_dim": 8}},
+            "schedule": {"name": schedule, "kwargs": {}}, "prediction": "x0", "sigma_data": 0.5,
+            "data_shape": [2], "num_classes": None, "sampler": {"method": "euler", "grid": "uniform", "steps": 4}}
+    model = LoadedModel(build_denoiser(spec), spec, None)
+    labels = [c.label for c in candidates_for(model, ["euler", "heun", "ddim"], ["uniform"])]
+    assert labels == [f"{m}/uniform" for m in swept]
