@@ -1,20 +1,11 @@
-"""The whole DAG as one Prefect flow: one task per DVC stage, in DVC's order, each running
-`dvc --wait-for-lock repro --single-item <stage>` so that DVC alone decides what is stale (a stage that
-`dvc status` reports up to date is skipped without starting a dvc process: same check, ~1 s less per stage).
-
-- The stage list and order come from DVC's own graph of dvc.yaml (nothing is listed twice).
-- A stage DVC did not run finishes as a Completed state named "Skipped" (deps unchanged) or "Cached" (restored
-  from DVC's run cache); a failed stage fails the task and the flow at once, naming the stage.
-- One MLflow parent run per pipeline run (run name = `run_name`); the stage runs become its children through
-  PIPELINE_PARENT_RUN_ID, which the dvc subprocesses inherit.
-- Overrides (`shard.val_fraction=0.1`) are validated against the params schema before anything runs (a bad key
-  or value fails naming it), then written into params.yaml exactly as `dvc exp run -S` does in the workspace
-  (comments kept), the stages are reproduced, and the result is recorded with `dvc exp save` (params.yaml,
-  dvc.lock and metrics as a DVC experiment, listed by `dvc exp show`). The parent MLflow run carries the
-  overrides and the experiment name, and each stage run logs the params it used, so DVC and MLflow agree.
-  Like `dvc exp run`, the overrides stay in the workspace params.yaml afterwards.
-- Concurrency: a pipeline-wide file lock (.dvc/tmp/pipeline.lock) makes a second run wait for the first, so
-  params.yaml is never rewritten under a running pipeline; DVC's --wait-for-lock covers any other dvc process.
+"""The whole DAG as one Prefect flow (README "Driving the pipeline"): one task per DVC stage, in the order of DVC's
+own graph of dvc.yaml, each running `dvc --wait-for-lock repro --single-item <stage>`, so DVC alone decides what is
+stale (a stage `dvc status` reports up to date is skipped without starting a dvc process). A stage DVC did not run
+finishes as a Completed state named "Skipped" or "Cached"; a failed stage fails the flow at once, naming it. One
+MLflow parent run per pipeline run (the stage runs nest under it through PIPELINE_PARENT_RUN_ID). Overrides are
+validated first, written into params.yaml as `dvc exp run -S` does, and the result saved with `dvc exp save`. A
+pipeline-wide file lock (.dvc/tmp/pipeline.lock) makes a second run wait, so params.yaml is never rewritten under
+a running pipeline.
 """
 from __future__ import annotations
 
@@ -197,7 +188,7 @@ def pipeline_lock(root: Path, log) -> HolderLock:
 # ---------------------------------------------------------------- the flow
 
 def check_request(root: Path, targets: Optional[list[str]], overrides: Optional[list[str]]):
-    """Everything checked before anything runs: targets, overrides, the MLflow server. (plan, overrides, uri)."""
+    """Everything checked before anything runs: targets, overrides, the MLflow server; (plan, overrides, params, uri)."""
     plan = plan_stages(root, targets)
     parsed = dict(parse_override(o) for o in overrides or [])
     params = load_params(root / "params.yaml", parsed, source=f"override of {', '.join(parsed)}" if parsed else None)

@@ -20,10 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from components.config import load_params
 from components.errors import UserError
-from components.tracking.lineage import resolve_tracking_uri
-from components.tracking.registry import check_tracking_server
 from flows.runtime import configure_prefect, repo_root
 
 ALL_DEPLOYMENT = "all"
@@ -50,14 +47,12 @@ def build_deployments(stages: list[str], prefix: str = "", **options: Any) -> li
 
 
 def _prepare(root: Path) -> tuple[str, list[str]]:
-    """Checks shared by serve and deploy (params, MLflow server, Prefect server); (Prefect API, stages)."""
-    from flows.pipeline import dvc_graph
+    """Checks shared by serve and deploy (DAG, params, MLflow server, Prefect server); (Prefect API, stages)."""
+    from flows.pipeline import check_request
 
     os.chdir(root)  # runs execute in this directory: the repo root, where dvc.yaml lives
-    params = load_params(root / "params.yaml")
-    check_tracking_server(resolve_tracking_uri(root, params.tracking.uri))
-    api = configure_prefect(root)
-    return api, dvc_graph(root)[0]
+    stages = check_request(root, None, None)[0]
+    return configure_prefect(root), stages
 
 
 def ui_url(api: str) -> str:
