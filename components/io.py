@@ -1,5 +1,6 @@
 """Small I/O building blocks shared by every stage: atomic output directories, JSON, content digests, file
-records a reader can verify, a lock that names its holder, and a free port."""
+records a reader can verify, a lock that names its holder, a free port, and a stage process that stops when
+whatever started it dies."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +9,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
+import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -203,8 +207,6 @@ def world_info() -> tuple[int, int]:
     """(rank, world size) of this process: the launcher's RANK / WORLD_SIZE when set (they describe the job this
     process is a rank of), else the live torch.distributed group's, else (0, 1). The one rank lookup (data loader,
     Trainer, sampling splits); it never imports torch itself, so a process without torch has no group."""
-    import sys
-
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist = sys.modules.get("torch.distributed")
@@ -218,3 +220,52 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def exit_with_launcher(poll_seconds: float = 1.0) -> None:
+    """Stop this stage (SIGTERM: Prefect marks it Crashed, MLflow FAILED) when the process that started it dies.
+
+    Killing `dvc repro` (or the pipeline) must not leave an orphaned stage training on, overlapping the next
+    run. dvc runs a stage's cmd through $SHELL, or /bin/sh when SHELL is unset (dash, which does not exec the
+    command), so the launcher may be a shell's parent: every process from here up through shells is watched,
+    and a change of any one's parent pid (re-parenting) means its launcher died.
+    """
+    chain = _launcher_chain()
+    if not chain:  # started detached on purpose (nohup, setsid): nothing to follow
+        return
+
+    def watch() -> None:
+        while all(_parent_of(pid) == parent for pid, parent in chain):
+            time.sleep(poll_seconds)
+        print(f"error: the process that started this stage (pid {chain[-1][1]}) exited; stopping stage",
+              file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+SHELLS = {"sh", "dash", "bash", "zsh", "fish", "ksh"}
+
+
+def _parent_of(pid: int) -> int | None:
+    try:  # the field after the parenthesised command name (which may hold spaces) is the state, then ppid
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return os.getppid() if pid == os.getpid() else None
+
+
+def _launcher_chain() -> list[tuple[int, int]]:
+    """(pid, its parent) from this process up to the first ancestor that is not a shell."""
+    chain, pid = [], os.getpid()
+    while True:
+        parent = _parent_of(pid)
+        if not parent or parent == 1:
+            return chain
+        chain.append((pid, parent))
+        try:
+            name = Path(f"/proc/{parent}/comm").read_text().strip()
+        except OSError:
+            return chain
+        if name not in SHELLS:
+            return chain
+        pid = parent

@@ -10,7 +10,6 @@ import argparse
 import importlib
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "true")
 # No telemetry from MLflow or the Prefect SDK: stages run offline, and MLflow's client would start a thread
@@ -28,17 +27,18 @@ def _fail(message: str, code: int = 2) -> int:
 
 def run_stage_command(stage: str) -> int:
     from components.config import load_params
+    from components.io import exit_with_launcher
     from components.tracking.lineage import resolve_tracking_uri
     from components.tracking.runs import InvocationRun
-    from flows.runtime import configure_prefect, dvc_invocation, output_to_prefect, repo_root, use_home_tracking_store
     from components.tracking.stage import check_declared_inputs
+    from flows.runtime import configure_prefect, dvc_invocation, output_to_prefect, repo_root, use_home_tracking_store
 
     root = repo_root()
     params = load_params(root / "params.yaml")  # fail fast, before any server or output is touched
     check_declared_inputs(root, stage)
     use_home_tracking_store(root, params.tracking.uri)
     configure_prefect(root)
-    exit_with_parent()
+    exit_with_launcher()
     module = importlib.import_module({**STAGES, **TOOLS}[stage])
     import flows.stage
     from flows.stage import COMPLETED
@@ -70,59 +70,6 @@ def run_stage_command(stage: str) -> int:
     if isinstance(cause, UserError) or "UserError" in message or not message.startswith("Flow run encountered"):
         return _fail(message)
     return 1  # a bug: Prefect has already printed the traceback
-
-
-def exit_with_parent(poll_seconds: float = 1.0) -> None:
-    """Stop this stage (SIGTERM: Prefect marks it Crashed, MLflow FAILED) when the process that started it dies.
-
-    Killing `dvc repro` (or the pipeline) must not leave an orphaned stage training on, overlapping the next
-    run. dvc runs a stage's cmd through $SHELL, or /bin/sh when SHELL is unset (dash, which does not exec the
-    command), so the launcher may be a shell's parent: every process from here up through shells is watched,
-    and a change of any one's parent pid (re-parenting) means its launcher died.
-    """
-    import signal
-    import threading
-    import time
-
-    chain = _launcher_chain()
-    if not chain:  # started detached on purpose (nohup, setsid): nothing to follow
-        return
-
-    def watch() -> None:
-        while all(_parent_of(pid) == parent for pid, parent in chain):
-            time.sleep(poll_seconds)
-        print(f"error: the process that started this stage (pid {chain[-1][1]}) exited; stopping stage",
-              file=sys.stderr)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
-SHELLS = {"sh", "dash", "bash", "zsh", "fish", "ksh"}
-
-
-def _parent_of(pid: int) -> int | None:
-    try:  # the field after the parenthesised command name (which may hold spaces) is the state, then ppid
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return os.getppid() if pid == os.getpid() else None
-
-
-def _launcher_chain() -> list[tuple[int, int]]:
-    """(pid, its parent) from this process up to the first ancestor that is not a shell."""
-    chain, pid = [], os.getpid()
-    while True:
-        parent = _parent_of(pid)
-        if not parent or parent == 1:
-            return chain
-        chain.append((pid, parent))
-        try:
-            name = Path(f"/proc/{parent}/comm").read_text().strip()
-        except OSError:
-            return chain
-        if name not in SHELLS:
-            return chain
-        pid = parent
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,3 +128,43 @@ def test_a_waiting_holder_lock_is_told_who_holds_it_and_gets_it_when_released(tm
     finally:
         first.kill()
         first.wait()
+
+
+def test_a_stage_stops_when_the_process_that_started_it_through_a_shell_dies(tmp_path):
+    """launcher (python) -> sh -> stage: killing the launcher re-parents the shell, and the stage stops itself."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    pid_file, err_file = tmp_path / "stage.pid", tmp_path / "stage.err"
+    stage = (f"import os, time; from components.io import exit_with_launcher; exit_with_launcher(0.1); "
+             f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)")
+    launcher = subprocess.Popen([sys.executable, "-c", (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen(['sh', '-c', {sys.executable!r} + ' -c \"$0\" 2> {err_file}; true', {stage!r}])\n"
+        "time.sleep(60)")], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    deadline = time.time() + 20
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline and launcher.poll() is None
+        time.sleep(0.05)
+    stage_pid = int(pid_file.read_text())
+    launcher.kill()
+    launcher.wait()
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + 10
+    try:
+        while running(stage_pid):
+            assert time.time() < deadline, "the stage outlived its launcher"
+            time.sleep(0.05)
+    finally:
+        if running(stage_pid):
+            os.kill(stage_pid, 9)
+    assert f"the process that started this stage (pid {launcher.pid}) exited; stopping stage" in err_file.read_text()
